@@ -1,0 +1,344 @@
+"""The configuration's types: what an admin may write, parsed once into frozen objects.
+
+These classes are the single source of truth for the YAML format: the loader validates against
+them, ``gateway schema`` derives the JSON Schema editors use from them, and nothing below the
+loader ever sees a YAML dict. Each field documents its default (after Caddy's config style).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+_PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=128)]
+
+
+class Timeouts(Model):
+    """Upstream timeouts in seconds. ``read`` is the longest silence between two chunks, not a
+    total: an LLM may think for minutes before its first token (DESIGN §3)."""
+
+    connect: PositiveSeconds = Field(5.0, description="TCP+TLS connect timeout. Default 5.")
+    read: PositiveSeconds = Field(
+        600.0, description="Longest wait for the next chunk of the response. Default 600."
+    )
+    write: PositiveSeconds = Field(
+        60.0, description="Longest wait to send the request. Default 60."
+    )
+
+
+def check_path_pattern(path: str) -> str:
+    """A public path pattern: literal segments, ``{name}`` segments, and at most one trailing
+    ``{name:path}`` segment that matches the rest of the path."""
+    if not path.startswith("/"):
+        raise ValueError("must start with '/'")
+    if "?" in path or "#" in path:
+        raise ValueError("must not contain a query string or fragment")
+    segments = path.split("/")[1:]
+    names: set[str] = set()
+    for i, segment in enumerate(segments):
+        if "{" not in segment and "}" not in segment:
+            continue
+        match = _PARAM.match(segment)
+        if match is None:
+            raise ValueError(f"segment {segment!r} must be literal, '{{name}}' or '{{name:path}}'")
+        if match.group(2) and i != len(segments) - 1:
+            raise ValueError("a '{name:path}' segment must be the last one")
+        if match.group(1) in names:
+            raise ValueError(f"parameter {{{match.group(1)}}} appears twice")
+        names.add(match.group(1))
+    return path
+
+
+def pattern_params(path: str) -> set[str]:
+    return {m.group(1) for s in path.split("/") if (m := _PARAM.match(s))}
+
+
+class Alias(Model):
+    """Another public path serving the same route, optionally deprecated (RFC 9745, RFC 8594)."""
+
+    path: str = Field(description="Public path pattern; same parameters as the route's path.")
+    deprecated: bool | dt.date = Field(
+        False,
+        description="true, or the date the alias became deprecated. Adds a Deprecation header.",
+    )
+    sunset: dt.date | None = Field(
+        None, description="When the alias stops working. Adds a Sunset header (RFC 8594)."
+    )
+    successor: str | None = Field(
+        None,
+        description='Public path to use instead. Adds Link: <...>; rel="successor-version".',
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        return check_path_pattern(value)
+
+    @model_validator(mode="after")
+    def _sunset_needs_deprecation(self) -> Alias:
+        if (self.sunset or self.successor) and self.deprecated is False:
+            raise ValueError("'sunset' and 'successor' need 'deprecated' to be set")
+        return self
+
+
+class Route(Model):
+    """Public path pattern and methods -> an upstream and a path on it."""
+
+    name: Name = Field(description="Unique route name; keys allow routes by name.")
+    path: str = Field(
+        description="Public path pattern, e.g. /v1/chat/completions or /v1/{rest:path}."
+    )
+    methods: tuple[str, ...] = Field(("POST",), description="HTTP methods served. Default [POST].")
+    upstream: Name = Field(
+        description="Upstream that serves the route (a model alias may override)."
+    )
+    upstream_path: str | None = Field(
+        None,
+        description="Path on the upstream, relative to its base_url, using the same parameters. "
+        "Default: the public path with any leading /v1 removed (base URLs end in /v1).",
+    )
+    aliases: tuple[Alias, ...] = Field((), description="More public paths for this route.")
+    model_in_body: bool = Field(
+        True,
+        description="Read the JSON body's 'model' to apply model aliases and key model rules. "
+        "Only JSON bodies of POST/PUT/PATCH requests are read. Default true.",
+    )
+    timeouts: Timeouts | None = Field(None, description="Overrides the upstream's timeouts.")
+    stream_usage: bool = Field(
+        False,
+        description="Ask the upstream for usage on streams (stream_options.include_usage) so token "
+        "limits settle exactly; the client still receives the bytes it asked for. Default false.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str) -> str:
+        return check_path_pattern(value)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper_methods(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return tuple(str(m).upper() for m in value)
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one method is needed")
+        for method in value:
+            if method not in _METHODS:
+                raise ValueError(f"unknown method {method!r}; use one of {', '.join(_METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _same_parameters(self) -> Route:
+        params = pattern_params(self.path)
+        for alias in self.aliases:
+            if pattern_params(alias.path) != params:
+                raise ValueError(
+                    f"alias {alias.path!r} must use the same parameters as {self.path!r}"
+                )
+        if self.upstream_path is not None:
+            if not self.upstream_path.startswith("/"):
+                raise ValueError("'upstream_path' must start with '/'")
+            missing = pattern_params(self.upstream_path) - params
+            if missing:
+                raise ValueError(
+                    f"'upstream_path' uses {sorted(missing)} that the path does not define"
+                )
+        return self
+
+    def target_path(self) -> str:
+        if self.upstream_path is not None:
+            return self.upstream_path
+        if self.path == "/v1" or self.path.startswith("/v1/"):
+            return self.path[3:] or "/"
+        return self.path
+
+
+class UpstreamAuth(Model):
+    style: Literal["bearer", "api-key", "x-api-key", "none"] = Field(
+        "bearer",
+        description="How the upstream takes its key: Authorization: Bearer (OpenAI, vLLM), "
+        "api-key (Azure OpenAI), x-api-key (Anthropic), or none. Default bearer.",
+    )
+    key: SecretStr | None = Field(
+        None, description="The upstream key; write ${ENV_VAR}, never the key itself."
+    )
+
+
+class Upstream(Model):
+    base_url: str = Field(
+        description="Base URL, usually ending in /v1, e.g. ${OPENAI_BASE_URL:-https://api.openai.com/v1}."
+    )
+    auth: UpstreamAuth = Field(default_factory=lambda: UpstreamAuth())
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra headers sent to the upstream, e.g. anthropic-version.",
+    )
+    query: dict[str, str] = Field(
+        default_factory=dict, description="Query parameters added to every request (api-version)."
+    )
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts())
+    max_connections: int = Field(1000, ge=1, description="Connection pool size. Default 1000.")
+    forwarded_for: Literal["append", "strip"] | None = Field(
+        None,
+        description="X-Forwarded-For to the upstream: 'append' the client address (internal "
+        "upstreams) or 'strip' it (third-party APIs). Default: strip for https, append otherwise.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
+            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        return value.rstrip("/")
+
+
+class ModelAlias(Model):
+    upstream: Name = Field(description="Upstream that serves this model.")
+    model: str | None = Field(
+        None, description="The upstream's name for the model. Default: the public name."
+    )
+
+
+class Limits(Model):
+    """Token-bucket limits. A bucket holds ``burst`` (default: the per-minute rate) and refills at
+    the per-minute rate. ``null`` means unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    request_burst: int | None = Field(None, ge=1, description="Default: requests_per_minute.")
+    token_burst: int | None = Field(None, ge=1, description="Default: tokens_per_minute.")
+
+
+class ApiKey(Model):
+    name: Name = Field(description="Unique key name, shown in logs instead of the key.")
+    hash: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256:<hex> of the key; 'gateway keys new NAME' prints one.",
+    )
+    team: Name | None = None
+    routes: tuple[str, ...] = Field(("*",), description="Route names allowed ('*' = all).")
+    models: tuple[str, ...] = Field(
+        ("*",), description="Public model names allowed; shell-style patterns. Default all."
+    )
+    limits: Limits | None = Field(None, description="This key's limits. Default: limits.default.")
+
+
+class LimitsSection(Model):
+    default: Limits = Field(default_factory=lambda: Limits(), description="For keys with none.")
+    teams: dict[str, Limits] = Field(
+        default_factory=dict, description="Shared by all keys of a team, on top of their own."
+    )
+    models: dict[str, Limits] = Field(
+        default_factory=dict, description="Per key and public model, on top of the key's own."
+    )
+    routes: dict[str, Limits] = Field(
+        default_factory=dict, description="Per key and route, on top of the key's own."
+    )
+    default_max_tokens: int = Field(
+        4096, ge=0, description="Completion tokens reserved when a request names no maximum."
+    )
+
+
+class RedisSettings(Model):
+    url: str | None = Field(
+        None, description="redis:// URL. Default none: limits are kept per process."
+    )
+    cluster: bool = Field(False, description="Connect as a Redis Cluster client.")
+    timeout_ms: int = Field(50, ge=1, description="Per-call timeout. Default 50 ms.")
+    on_failure: Literal["open", "closed", "local"] = Field(
+        "local",
+        description="Redis down: 'open' admits (counting locally), 'closed' refuses with 503, "
+        "'local' enforces per-process buckets. Default local.",
+    )
+    breaker_seconds: float = Field(
+        2.0, gt=0, description="After a failure, skip Redis for this long. Default 2."
+    )
+
+
+def _loopback() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class ServerSettings(Model):
+    host: str = Field("127.0.0.1", description="Listen address. Default 127.0.0.1.")
+    port: int = Field(8080, ge=0, le=65535, description="Listen port. Default 8080.")
+    root_path: str = Field(
+        "", description="Public path prefix the gateway is served under, e.g. /llm. Default none."
+    )
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = Field(
+        default_factory=_loopback,
+        description="CIDRs whose forwarded headers are believed. Default loopback only.",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Largest request body. Default 32 MiB."
+    )
+    access_log: bool = Field(True, description="One JSON line per request on stderr.")
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError("must start with '/' and not end with '/', e.g. /llm")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            return tuple(ipaddress.ip_network(str(v), strict=False) for v in value)
+        return value
+
+
+class GatewayConfig(Model):
+    """A whole gateway configuration: the merged result of a file and its includes."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"title": "LLM gateway configuration"},
+    )
+
+    include: tuple[str, ...] = Field(
+        (), description="More YAML files (relative to this one) whose lists and tables are merged."
+    )
+    server: ServerSettings = Field(default_factory=lambda: ServerSettings())
+    redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
+    upstreams: dict[Name, Upstream] = Field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    models: dict[str, ModelAlias] = Field(
+        default_factory=dict, description="Public model name -> upstream and its model name."
+    )
+    allow_unlisted_models: bool = Field(
+        False,
+        description="Send models not in 'models' to the route's upstream unchanged instead of "
+        "answering 404 model_not_found. Default false.",
+    )
+    keys: tuple[ApiKey, ...] = ()
+    limits: LimitsSection = Field(default_factory=lambda: LimitsSection())

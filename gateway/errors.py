@@ -1,0 +1,193 @@
+"""Errors the gateway itself produces, in OpenAI's error shape.
+
+Every refusal the gateway makes is a ``GatewayError`` carrying the status, message, type, param
+and code that OpenAI's API would use for the same fault, so SDKs raise the same exception classes
+(``openai.NotFoundError``, ``openai.RateLimitError`` ...) whether the upstream or the gateway
+refused. Upstream errors are never wrapped: they pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from gateway.types import RawHeaders, Send
+
+JSON_CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+class GatewayError(Exception):
+    """A request refused by the gateway, rendered as ``{"error": {...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers: RawHeaders = list(headers)
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        )
+
+    async def send(self, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        body = self.body()
+        headers: RawHeaders = [
+            JSON_CONTENT_TYPE,
+            (b"content-length", str(len(body)).encode()),
+            *self.headers,
+            *extra_headers,
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# The catalogue: one constructor per fault, so messages stay consistent across modules.
+
+
+def invalid_json() -> GatewayError:
+    return GatewayError(
+        400,
+        "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+        "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
+        "sent was not valid JSON.)",
+        code="invalid_json",
+    )
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body is larger than the gateway's limit of {limit} bytes.",
+        code="request_too_large",
+    )
+
+
+def missing_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "You didn't provide an API key. You need to provide your API key in an Authorization "
+        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the x-api-key "
+        "or api-key header.",
+        code="missing_api_key",
+    )
+
+
+def invalid_key() -> GatewayError:
+    # The presented key is not echoed, not even masked: error bodies end up in client logs.
+    return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def route_not_allowed(route: str) -> GatewayError:
+    return GatewayError(
+        403,
+        f"Your API key is not allowed to use the route '{route}'.",
+        type="permission_error",
+        code="route_not_allowed",
+    )
+
+
+def model_not_allowed(model: str) -> GatewayError:
+    return GatewayError(
+        403,
+        f"Your API key is not allowed to use the model '{model}'.",
+        type="permission_error",
+        code="model_not_allowed",
+        param="model",
+    )
+
+
+def unknown_route(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"Invalid URL ({method} {path})",
+        code="unknown_url",
+    )
+
+
+def method_not_allowed(method: str, path: str, allowed: Sequence[str]) -> GatewayError:
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed for {path}; allowed: {', '.join(allowed)}.",
+        code="method_not_allowed",
+        headers=[(b"allow", ", ".join(allowed).encode())],
+    )
+
+
+def unknown_model(model: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def missing_model() -> GatewayError:
+    return GatewayError(
+        400,
+        "you must provide a model parameter",
+        code="missing_model",
+        param="model",
+    )
+
+
+def upstream_unreachable(upstream: str) -> GatewayError:
+    # Names the upstream as the admin called it, never its URL (DESIGN §5: don't disclose it).
+    return GatewayError(
+        502,
+        f"The gateway could not connect to upstream '{upstream}'.",
+        type="api_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_timeout(upstream: str) -> GatewayError:
+    return GatewayError(
+        504,
+        f"Upstream '{upstream}' did not answer in time.",
+        type="api_error",
+        code="upstream_timeout",
+    )
+
+
+def upstream_failed(upstream: str) -> GatewayError:
+    return GatewayError(
+        502,
+        f"Upstream '{upstream}' closed the connection before sending a response.",
+        type="api_error",
+        code="upstream_error",
+    )
+
+
+def internal_error() -> GatewayError:
+    return GatewayError(
+        500,
+        "The gateway failed to process your request.",
+        type="api_error",
+        code="internal_error",
+    )
+
+
+def not_ready() -> GatewayError:
+    return GatewayError(503, "The gateway is starting.", type="api_error", code="not_ready")
