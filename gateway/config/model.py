@@ -41,9 +41,6 @@ class Timeouts(Model):
     read: PositiveSeconds = Field(
         600.0, description="Longest wait for the next chunk of the response. Default 600."
     )
-    write: PositiveSeconds = Field(
-        60.0, description="Longest wait to send the request. Default 60."
-    )
 
 
 def check_path_pattern(path: str) -> str:

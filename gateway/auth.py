@@ -1,0 +1,96 @@
+"""API keys: the presented key -> the principal it belongs to.
+
+Keys are stored as ``sha256:<hex>`` hashes, so the config can be committed and read without
+handing anyone a key. A request's key is hashed once and looked up in a dict; nothing ever logs
+the key itself, and the principal carries only the key's name and an id derived from its hash.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gateway import errors
+from gateway.config.model import ApiKey
+from gateway.types import RawHeaders
+
+KEY_PREFIX = "sk-gw-"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a configured key, and what it may use."""
+
+    config: ApiKey
+    key_id: str  # 16 hex chars of the hash: safe in logs and Redis keys
+    all_routes: bool
+    routes: frozenset[str]
+    all_models: bool
+    models: re.Pattern[str] | None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def may_use_route(self, route: str) -> bool:
+        return self.all_routes or route in self.routes
+
+    def may_use_model(self, model: str) -> bool:
+        return self.all_models or (self.models is not None and self.models.match(model) is not None)
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh client key: 32 random bytes, URL-safe, with a recognisable prefix."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _principal(key: ApiKey) -> Principal:
+    patterns = [p for p in key.models if p != "*"]
+    combined = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+    return Principal(
+        config=key,
+        key_id=key.hash.removeprefix("sha256:")[:16],
+        all_routes="*" in key.routes,
+        routes=frozenset(key.routes),
+        all_models="*" in key.models,
+        models=re.compile(combined) if combined else None,
+    )
+
+
+def presented_key(headers: RawHeaders) -> str | None:
+    """The key from ``Authorization: Bearer``, ``x-api-key`` (Anthropic) or ``api-key`` (Azure)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name in (b"x-api-key", b"api-key") and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+class KeyRing:
+    """The configured keys, indexed by hash."""
+
+    def __init__(self, keys: Iterable[ApiKey]) -> None:
+        self._by_hash = {key.hash.removeprefix("sha256:"): _principal(key) for key in keys}
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def authenticate(self, headers: RawHeaders) -> Principal:
+        key = presented_key(headers)
+        if key is None:
+            raise errors.missing_key()
+        principal = self._by_hash.get(hashlib.sha256(key.encode("utf-8")).hexdigest())
+        if principal is None:
+            raise errors.invalid_key()
+        return principal

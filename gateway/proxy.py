@@ -1,0 +1,239 @@
+"""The relay: one request in, one upstream exchange, the upstream's bytes out as they arrive.
+
+``Proxy.__call__`` reads top to bottom as the algorithm (after Go's ``ReverseProxy.ServeHTTP``):
+route, authenticate, read the body when a rule needs it, resolve the model, send upstream,
+relay. It writes ASGI messages itself: Starlette's ``StreamingResponse`` costs more than the whole
+relay (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import body as request_body
+from gateway import errors
+from gateway.auth import Principal
+from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.routing import Match, MethodMismatch, relative_raw_path
+from gateway.runtime import Runtime, UpstreamTarget
+from gateway.types import RawHeaders, Receive, Scope, Send
+from gateway.upstream import (
+    OutboundRequest,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
+
+logger = logging.getLogger("gateway.proxy")
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What the disconnect watcher and the relay share for one request."""
+
+    task: asyncio.Task[Any] | None
+    finished: bool = False
+    client_gone: bool = False
+
+
+async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
+    """Cancel the relay when the client goes away, even while the upstream is silent.
+
+    Without this, a client that closes a paced stream would keep the upstream generating (and
+    billing) until the next chunk failed to send (DESIGN §3: cancel promptly)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not exchange.finished and exchange.task is not None:
+                exchange.client_gone = True
+                exchange.task.cancel()
+            return
+
+
+class Proxy:
+    """The ASGI app that serves every route of the current snapshot."""
+
+    def __init__(self, runtime: Callable[[], Runtime]) -> None:
+        self._runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = self._runtime()  # one snapshot for the whole request
+        headers: RawHeaders = scope["headers"]
+        method: str = scope["method"]
+        root_path: str = scope.get("root_path", "")
+        path = relative_raw_path(scope.get("raw_path"), scope["path"], root_path)
+        extra: RawHeaders = []
+        try:
+            match = runtime.routes.match(method, path)
+            if match is None:
+                raise errors.unknown_route(method, path)
+            if isinstance(match, MethodMismatch):
+                raise errors.method_not_allowed(method, path, match.allowed)
+            extra = self._endpoint_headers(match, root_path)
+            route = match.endpoint.route
+            scope["gateway.route"] = route.name
+
+            principal = runtime.keys.authenticate(headers)
+            scope["gateway.key"] = principal.name
+            if not principal.may_use_route(route.name):
+                raise errors.route_not_allowed(route.name)
+
+            payload = await request_body.read_body(
+                receive, headers, runtime.config.server.max_body_bytes
+            )
+            upstream = runtime.upstreams[route.upstream]
+            if route.model_in_body and method in _BODY_METHODS and request_body.is_json(headers):
+                document = request_body.parse_json(payload)
+                if isinstance(document, dict):
+                    upstream, payload = self._resolve_model(
+                        runtime, principal, document, payload, upstream
+                    )
+            scope["gateway.upstream"] = upstream.name
+
+            outbound = OutboundRequest(
+                method=method,
+                url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
+                headers=upstream_request_headers(
+                    headers, upstream.added_headers, self._forwarded_for(scope, upstream)
+                ),
+                body=payload,
+                timeouts=runtime.timeouts(route.name, upstream),
+            )
+        except errors.GatewayError as refusal:
+            await refusal.send(send, extra)
+            return
+        except request_body.ClientDisconnected:
+            return
+        await self._exchange(scope, receive, send, upstream, outbound, extra)
+
+    @staticmethod
+    def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
+        endpoint = match.endpoint
+        if not endpoint.deprecated:
+            return []
+        extra = list(endpoint.deprecation_headers)
+        link = endpoint.successor_link(root_path)
+        if link is not None:
+            extra.append(link)
+        return extra
+
+    @staticmethod
+    def _resolve_model(
+        runtime: Runtime,
+        principal: Principal,
+        document: dict[str, Any],
+        payload: bytes,
+        route_upstream: UpstreamTarget,
+    ) -> tuple[UpstreamTarget, bytes]:
+        """Apply the key's model rule and the model alias table.
+
+        The body is re-serialised only when the upstream's name for the model differs; otherwise
+        the client's bytes go upstream untouched."""
+        model = document.get("model")
+        if not isinstance(model, str):
+            # No model (or not a string): the upstream answers as it would have directly.
+            return route_upstream, payload
+        if not principal.may_use_model(model):
+            raise errors.model_not_allowed(model)
+        alias = runtime.models.get(model)
+        if alias is None:
+            if not runtime.config.allow_unlisted_models:
+                raise errors.unknown_model(model)
+            return route_upstream, payload
+        upstream_model = alias.model or model
+        if upstream_model != model:
+            document["model"] = upstream_model
+            payload = orjson.dumps(document)
+        return runtime.upstreams[alias.upstream], payload
+
+    @staticmethod
+    def _forwarded_for(scope: Scope, upstream: UpstreamTarget) -> str | None:
+        if not upstream.append_forwarded_for:
+            return None
+        chain = scope.get("gateway.forwarded_for")
+        if chain:
+            return ", ".join(chain)
+        client = scope.get("client")
+        return client[0] if client else None
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: UpstreamTarget,
+        outbound: OutboundRequest,
+        extra: RawHeaders,
+    ) -> None:
+        exchange = _Exchange(task=asyncio.current_task())
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
+        response: UpstreamResponse | None = None
+        complete = False
+        try:
+            try:
+                response = await upstream.client.send(outbound)
+            except UpstreamError as exc:
+                scope["gateway.upstream_error"] = type(exc).__name__
+                await _upstream_refusal(exc, upstream.name).send(send, extra)
+                return
+            complete = await self._relay(scope, send, response, extra)
+        except asyncio.CancelledError:
+            if not exchange.client_gone:
+                raise
+            # The client left: drop the upstream connection so the upstream stops generating.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            scope["gateway.client_gone"] = True
+        finally:
+            exchange.finished = True
+            watcher.cancel()
+            if response is not None:
+                if complete:
+                    response.release()
+                else:
+                    response.close()
+
+    @staticmethod
+    async def _relay(
+        scope: Scope, send: Send, response: UpstreamResponse, extra: RawHeaders
+    ) -> bool:
+        """Forward the head, then each raw chunk the moment it arrives. True if it completed."""
+        headers, _ = downstream_response_headers(response.raw_headers, extra)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        read = response.read_chunk
+        sent = 0
+        while True:
+            try:
+                chunk = await read()
+            except UpstreamStreamError as exc:
+                # After the head the status cannot change. Returning without the final message
+                # makes the server drop the connection: the client sees a cut stream, never a
+                # clean end (DESIGN §3).
+                scope["gateway.upstream_error"] = str(exc)
+                scope["gateway.bytes"] = sent
+                logger.warning("upstream failed mid-response after %d bytes: %s", sent, exc)
+                return False
+            if not chunk:
+                break
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        scope["gateway.bytes"] = sent
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+
+def _upstream_refusal(exc: UpstreamError, upstream: str) -> errors.GatewayError:
+    if isinstance(exc, UpstreamTimeout):
+        return errors.upstream_timeout(upstream)
+    if isinstance(exc, UpstreamConnectError):
+        return errors.upstream_unreachable(upstream)
+    return errors.upstream_failed(upstream)

@@ -1,0 +1,171 @@
+"""The route table: public method + path -> the route, the alias it came through, the upstream path.
+
+Matching works on the *raw* (still percent-encoded) path relative to the root path, so what the
+gateway sends upstream is byte for byte what the client sent: a ``%2F`` inside a file id stays
+``%2F``. Literal paths are one dict lookup; patterns are tried most specific first (fewer
+catch-alls, longer literal prefix). A path that exists for other methods is a 405 with ``Allow``,
+never a redirect: the OpenAI SDK follows redirects and a redirected POST loses its body (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.utils import format_datetime
+
+from gateway.config.model import Alias, Route
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One public path pattern of a route: the route's own path or one of its aliases."""
+
+    route: Route
+    public_path: str
+    alias: Alias | None
+    # Deprecation and Sunset headers, computed once (RFC 9745 §2, RFC 8594 §3).
+    deprecation_headers: tuple[tuple[bytes, bytes], ...]
+    target: _Template
+
+    @property
+    def deprecated(self) -> bool:
+        return self.alias is not None and self.alias.deprecated is not False
+
+    def successor_link(self, root_path: str) -> tuple[bytes, bytes] | None:
+        """``Link`` to the successor, carrying the public prefix the client used (RFC 8288)."""
+        if self.alias is None or self.alias.successor is None:
+            return None
+        value = f'<{root_path}{self.alias.successor}>; rel="successor-version"'
+        return (b"link", value.encode("latin-1"))
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    endpoint: Endpoint
+    upstream_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class MethodMismatch:
+    allowed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """An upstream path with ``{name}`` holes, filled with the raw matched values."""
+
+    parts: tuple[str, ...]  # literal, name, literal, name, ..., literal
+
+    @classmethod
+    def parse(cls, path: str) -> _Template:
+        # re.split with two groups yields literal, name, ":path"|None, literal, ...
+        pieces = _PARAM.split(path)
+        return cls(tuple(piece for i, piece in enumerate(pieces) if i % 3 != 2))
+
+    def fill(self, params: dict[str, str]) -> str:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return "".join(params[part] if i % 2 else part for i, part in enumerate(self.parts))
+
+
+@dataclass(slots=True)
+class _Pattern:
+    regex: re.Pattern[str]
+    by_method: dict[str, Endpoint] = field(default_factory=dict)
+
+
+def _deprecation_headers(alias: Alias | None) -> tuple[tuple[bytes, bytes], ...]:
+    if alias is None or alias.deprecated is False:
+        return ()
+    headers: list[tuple[bytes, bytes]] = []
+    if alias.deprecated is True:
+        # RFC 9745 requires a date; an alias deprecated "now" says so with the epoch.
+        headers.append((b"deprecation", b"@0"))
+    else:
+        when = dt.datetime.combine(alias.deprecated, dt.time(), dt.UTC)
+        headers.append((b"deprecation", f"@{int(when.timestamp())}".encode()))
+    if alias.sunset is not None:
+        when = dt.datetime.combine(alias.sunset, dt.time(), dt.UTC)
+        headers.append((b"sunset", format_datetime(when, usegmt=True).encode()))
+    return tuple(headers)
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    out = ["^"]
+    pieces = _PARAM.split(path)  # literal, name, ":path"|None, literal, ...
+    for i in range(0, len(pieces), 3):
+        out.append(re.escape(pieces[i]))
+        if i + 1 < len(pieces):
+            name, catch_all = pieces[i + 1], pieces[i + 2]
+            out.append(f"(?P<{name}>.*)" if catch_all else f"(?P<{name}>[^/]+)")
+    out.append("$")
+    return re.compile("".join(out))
+
+
+def _specificity(path: str) -> tuple[int, int, int]:
+    """Sort key: patterns without a catch-all first, then longer literal prefixes first."""
+    catch_all = 1 if ":path}" in path else 0
+    literal_prefix = len(path.split("{", 1)[0])
+    return (catch_all, -literal_prefix, -path.count("/"))
+
+
+class RouteTable:
+    """Resolves a method and a raw relative path to an :class:`Endpoint`."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._literal: dict[str, dict[str, Endpoint]] = {}
+        patterns: dict[str, _Pattern] = {}
+        self.endpoints: list[Endpoint] = []
+        for route in routes:
+            target = _Template.parse(route.target_path())
+            for public_path, alias in [(route.path, None), *((a.path, a) for a in route.aliases)]:
+                endpoint = Endpoint(route, public_path, alias, _deprecation_headers(alias), target)
+                self.endpoints.append(endpoint)
+                if "{" in public_path:
+                    entry = patterns.setdefault(public_path, _Pattern(_compile(public_path)))
+                    slots = entry.by_method
+                else:
+                    slots = self._literal.setdefault(public_path, {})
+                for method in route.methods:
+                    # The loader refuses overlaps; first one wins if a caller skipped it.
+                    slots.setdefault(method, endpoint)
+        self._patterns = sorted(patterns.items(), key=lambda item: _specificity(item[0]))
+
+    def match(self, method: str, raw_path: str) -> Match | MethodMismatch | None:
+        allowed: set[str] = set()
+        by_method = self._literal.get(raw_path)
+        if by_method is not None:
+            endpoint = by_method.get(method)
+            if endpoint is not None:
+                return Match(endpoint, endpoint.target.fill({}))
+            allowed.update(by_method)
+        for _, pattern in self._patterns:
+            found = pattern.regex.match(raw_path)
+            if found is None:
+                continue
+            endpoint = pattern.by_method.get(method)
+            if endpoint is not None:
+                return Match(endpoint, endpoint.target.fill(found.groupdict()))
+            allowed.update(pattern.by_method)
+        if allowed:
+            return MethodMismatch(tuple(sorted(allowed)))
+        return None
+
+
+def relative_raw_path(scope_raw_path: bytes | None, path: str, root_path: str) -> str:
+    """The request's raw path relative to ``root_path``.
+
+    ``scope["path"]`` includes ``root_path`` (ASGI; uvicorn >= 0.26) but is percent-decoded;
+    ``raw_path`` is what came on the wire, with the prefix when the proxy kept it and without
+    when the proxy stripped it. Strip the prefix only where it is really there.
+    """
+    raw = scope_raw_path.decode("latin-1") if scope_raw_path else path
+    if root_path and raw.startswith(root_path):
+        rest = raw[len(root_path) :]
+        if not rest or rest.startswith("/"):
+            return rest or "/"
+    return raw

@@ -1,0 +1,86 @@
+"""The seam between the relay and the HTTP client that talks to upstreams.
+
+The relay only needs: send a request and get the status and raw headers, then read raw body
+chunks as they arrive, then close. Keeping it to that lets the client be chosen by measurement
+(DESIGN §5) and lets tests swap it.
+
+Exceptions, as a tree (after httpx's ``_exceptions.py``)::
+
+    UpstreamError
+    ├── UpstreamConnectError    could not connect                         -> 502
+    ├── UpstreamTimeout         no connection or no response head in time -> 504
+    ├── UpstreamProtocolError   closed or garbled before the response head -> 502
+    └── UpstreamStreamError     failed after the head: the stream is cut, never ended cleanly
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.config.model import Timeouts
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed; the message is safe for logs (no URL, no key)."""
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class UpstreamProtocolError(UpstreamError):
+    pass
+
+
+class UpstreamStreamError(UpstreamError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRequest:
+    method: str
+    url: str  # already percent-encoded; sent as is
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+    timeouts: Timeouts
+
+
+class UpstreamResponse(Protocol):
+    status: int
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """Response headers as received, names in any case."""
+        ...
+
+    async def read_chunk(self) -> bytes:
+        """The next raw (undecoded) body chunk as soon as it arrives; ``b""`` at the end.
+
+        Raises :class:`UpstreamStreamError` when the upstream fails mid-body."""
+        ...
+
+    def close(self) -> None:
+        """Abort the exchange and drop the connection (cancels the upstream's work)."""
+        ...
+
+    def release(self) -> None:
+        """The body was read to the end: return the connection to the pool."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    """One connection pool for one upstream, created in the lifespan."""
+
+    async def send(self, request: OutboundRequest) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ClientFactory(Protocol):
+    def __call__(self, *, max_connections: int) -> UpstreamClient: ...
