@@ -1,0 +1,259 @@
+"""Checks that need the whole configuration: names, references and the route table.
+
+Pydantic validates each object on its own; what it cannot see is whether a route's upstream exists,
+whether two routes serve the same path, or whether a limit names a team nobody is in. These checks
+run on a validated ``GatewayConfig`` and return ``(key path, message)`` pairs; the loader turns the
+key paths back into file and line. The module is pure: no I/O, no logging.
+
+A key path reads like ``routes[3].aliases[0].path`` or ``models["gpt-4.1"].upstream``:
+``format_path`` writes one and ``parse_path`` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from gateway.config.model import GatewayConfig, Route
+
+KeyPath = tuple[str | int, ...]
+Problem = tuple[str, str]
+Locate = Callable[[str], str | None]
+
+# The gateway's own endpoints; no route or alias may take them (a pattern that merely could match
+# one, such as /{name}, is fine: literal paths are more specific and win).
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/admin"})
+RESERVED_PREFIX = "/admin/"
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_PATH_PART = re.compile(r'\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|(?:^|\.)([A-Za-z0-9_-]+)')
+_PARAM = re.compile(r"^\{[^}:]*(:path)?\}$")
+_GLOB_CHARS = frozenset("*?[")
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """``("routes", 3, "path")`` -> ``routes[3].path``; keys that are not plain names are quoted."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += f"[{json.dumps(part, ensure_ascii=False)}]"
+    return text
+
+
+def parse_path(text: str) -> KeyPath:
+    """The inverse of ``format_path``."""
+    parts: list[str | int] = []
+    position = 0
+    while position < len(text):
+        match = _PATH_PART.match(text, position)
+        if match is None:
+            raise ValueError(f"not a key path: {text!r}")
+        index, quoted, plain = match.groups()
+        if index is not None:
+            parts.append(int(index))
+        elif quoted is not None:
+            parts.append(str(json.loads(quoted)))
+        else:
+            parts.append(plain)
+        position = match.end()
+    return tuple(parts)
+
+
+def check_config(config: GatewayConfig, locate: Locate | None = None) -> list[Problem]:
+    """Every cross-reference problem in ``config``, in the order of the sections.
+
+    ``locate`` turns a key path into a place such as ``gateway.yaml:12``; messages that point at
+    another entry (the first route with the same name, say) then say where it is.
+    """
+    cite = _Cite(locate)
+    return [
+        *_unique_names(config, cite),
+        *_references(config),
+        *_limits(config),
+        *_route_table(config, cite),
+    ]
+
+
+@dataclass(frozen=True)
+class _Cite:
+    locate: Locate | None
+
+    def __call__(self, path: KeyPath, text: str | None = None) -> str:
+        """``text`` (default: the key path) followed by where it is, when that is known."""
+        key_path = format_path(path)
+        where = self.locate(key_path) if self.locate else None
+        text = key_path if text is None else text
+        return f"{text} ({where})" if where else text
+
+
+def _unique_names(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
+    routes: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if route.name in routes:
+            yield (
+                format_path(("routes", i, "name")),
+                f"route name {route.name!r} is already used by "
+                + cite(("routes", routes[route.name])),
+            )
+        routes.setdefault(route.name, i)
+    names: dict[str, int] = {}
+    hashes: dict[str, int] = {}
+    for i, key in enumerate(config.keys):
+        if key.name in names:
+            yield (
+                format_path(("keys", i, "name")),
+                f"key name {key.name!r} is already used by " + cite(("keys", names[key.name])),
+            )
+        if key.hash in hashes:
+            other = hashes[key.hash]
+            yield (
+                format_path(("keys", i, "hash")),
+                "the same hash is already used by "
+                + cite(("keys", other), f"key {config.keys[other].name!r}"),
+            )
+        names.setdefault(key.name, i)
+        hashes.setdefault(key.hash, i)
+
+
+def _references(config: GatewayConfig) -> Iterator[Problem]:
+    upstreams = set(config.upstreams)
+    routes = {route.name for route in config.routes}
+    for i, route in enumerate(config.routes):
+        if route.upstream not in upstreams:
+            yield (
+                format_path(("routes", i, "upstream")),
+                _unknown("upstream", route.upstream, upstreams),
+            )
+    for name, alias in config.models.items():
+        if alias.upstream not in upstreams:
+            yield (
+                format_path(("models", name, "upstream")),
+                _unknown("upstream", alias.upstream, upstreams),
+            )
+    for i, key in enumerate(config.keys):
+        for j, route_name in enumerate(key.routes):
+            if route_name != "*" and route_name not in routes:
+                yield format_path(("keys", i, "routes", j)), _unknown("route", route_name, routes)
+        for j, model in enumerate(key.models):
+            if _unknown_model(config, model):
+                yield (
+                    format_path(("keys", i, "models", j)),
+                    f"unknown model {model!r}: not in 'models' and not a pattern, and "
+                    "allow_unlisted_models is false",
+                )
+
+
+def _limits(config: GatewayConfig) -> Iterator[Problem]:
+    teams = {key.team for key in config.keys if key.team is not None}
+    for team in config.limits.teams:
+        if team not in teams:
+            yield format_path(("limits", "teams", team)), f"unknown team {team!r}: no key has it"
+    routes = {route.name for route in config.routes}
+    for route_name in config.limits.routes:
+        if route_name not in routes:
+            yield (
+                format_path(("limits", "routes", route_name)),
+                _unknown("route", route_name, routes),
+            )
+    for model in config.limits.models:
+        if _unknown_model(config, model):
+            yield (
+                format_path(("limits", "models", model)),
+                f"unknown model {model!r}: not in 'models' and not a pattern, and "
+                "allow_unlisted_models is false",
+            )
+
+
+def _unknown_model(config: GatewayConfig, model: str) -> bool:
+    return not (
+        config.allow_unlisted_models
+        or model in config.models
+        or any(char in _GLOB_CHARS for char in model)
+    )
+
+
+def _unknown(kind: str, name: str, known: set[str]) -> str:
+    if not known:
+        return f"unknown {kind} {name!r}: none is defined"
+    listed = ", ".join(sorted(known)[:10]) + (", ..." if len(known) > 10 else "")
+    return f"unknown {kind} {name!r}; defined: {listed}"
+
+
+@dataclass(frozen=True)
+class _Served:
+    """One public path pattern of the route table: a route's own path or one of its aliases."""
+
+    where: KeyPath
+    route: Route
+    path: str
+    is_alias: bool
+
+    def describe(self, other_path: str, cite: _Cite) -> str:
+        text = f"route {self.route.name!r}"
+        if self.is_alias:
+            text += " as an alias" if self.path == other_path else f" as alias {self.path!r}"
+        elif self.path != other_path:
+            text += f" as {self.path!r}"
+        return cite(self.where, text)
+
+
+def _route_table(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
+    served: list[_Served] = []
+    for i, route in enumerate(config.routes):
+        served.append(_Served(("routes", i, "path"), route, route.path, False))
+        for j, alias in enumerate(route.aliases):
+            served.append(_Served(("routes", i, "aliases", j, "path"), route, alias.path, True))
+    by_shape: dict[str, list[_Served]] = {}
+    for entry in served:
+        if entry.path in RESERVED_PATHS or entry.path.startswith(RESERVED_PREFIX):
+            yield format_path(entry.where), f"{entry.path!r} is reserved for the gateway itself"
+            continue
+        earlier = by_shape.setdefault(_shape(entry.path), [])
+        for other in earlier:
+            common = set(entry.route.methods) & set(other.route.methods)
+            if common:
+                message = f"{entry.path!r} is already served by "
+                message += other.describe(entry.path, cite)
+                if common != set(entry.route.methods):
+                    message += f" for {', '.join(sorted(common))}"
+                yield format_path(entry.where), message
+                break
+        earlier.append(entry)
+    for i, route in enumerate(config.routes):
+        for j, alias in enumerate(route.aliases):
+            successor = alias.successor
+            if successor is not None and not any(_serves(e.path, successor) for e in served):
+                yield (
+                    format_path(("routes", i, "aliases", j, "successor")),
+                    f"{successor!r} is not served by any route or alias",
+                )
+
+
+def _shape(path: str) -> str:
+    """The pattern with parameter names erased: /v1/files/{id} and /v1/files/{file_id} match the
+    same requests, so they have the same shape."""
+    segments = []
+    for segment in path.split("/"):
+        match = _PARAM.match(segment)
+        segments.append(segment if match is None else "{:path}" if match.group(1) else "{}")
+    return "/".join(segments)
+
+
+def _serves(pattern: str, path: str) -> bool:
+    """Whether ``path`` (a concrete path or a pattern) is served by ``pattern``."""
+    if _shape(pattern) == _shape(path):
+        return True
+    wanted, given = pattern.split("/"), path.split("/")
+    for i, segment in enumerate(wanted):
+        match = _PARAM.match(segment)
+        if match is not None and match.group(1):
+            return len(given) > i
+        if i >= len(given) or (segment != given[i] if match is None else not given[i]):
+            return False
+    return len(given) == len(wanted)
