@@ -1,0 +1,150 @@
+"""The two Redis scripts, and the argument layout the planner precomputes for them.
+
+Each bucket is a hash ``{v: level, t: time of that level in ms}``; a missing hash is a full
+bucket, so a key expires exactly when its bucket would be full again. The clock is Redis' own
+``TIME`` (DESIGN §3): the gateways' clocks never meet the state. Both scripts only touch the
+keys they are given, and the planner puts all of one request's keys in one hash slot, so they run
+unchanged on Redis Cluster.
+
+Commands are built as ``EVALSHA <sha> <n> <keys...> <static args...> <per-call arg>``: everything
+but the last argument is fixed per bucket set, so the planner builds the tuple once and an
+admission adds one integer to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.limits.buckets import Bucket
+
+# ARGV: per bucket i (1-based): capacity, refill per ms, '1' when it counts tokens (cost
+# ARGV[last]) or '0' when it counts requests (cost 1); ARGV[#ARGV] is the request's tokens.
+# Reply: {allowed 0/1, retry after ms (-1: waiting cannot help), index of the refusing bucket
+# (0: none), then per bucket: remaining (floor, after the debit when admitted), ms until full
+# (-1: never)}.
+ADMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local n = #KEYS
+local tokens = tonumber(ARGV[3 * n + 1])
+local level, cost = {}, {}
+local retry, limiting = 0, 0
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  local c = 1
+  if ARGV[3 * i] == '1' then c = tokens end
+  local v = cap
+  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  if s[1] then
+    local elapsed = now - tonumber(s[2])
+    if elapsed < 0 then elapsed = 0 end
+    v = math.min(cap, tonumber(s[1]) + elapsed * rate)
+  end
+  level[i], cost[i] = v, c
+  if c > 0 and v < c then
+    if c > cap or rate <= 0 then
+      retry, limiting = -1, i
+    elseif retry >= 0 then
+      local wait = (c - v) / rate
+      if wait > retry then retry, limiting = wait, i end
+    end
+  end
+end
+local out = {1, 0, limiting}
+if limiting > 0 then
+  out[1] = 0
+  if retry > 0 then out[2] = math.ceil(retry) else out[2] = retry end
+end
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  local v = level[i]
+  if limiting == 0 and cost[i] > 0 then
+    v = v - cost[i]
+    local ttl = 86400000
+    if rate > 0 then ttl = math.ceil((cap - v) / rate) end
+    redis.call('HSET', KEYS[i], 'v', tostring(v), 't', string.format('%.3f', now))
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  out[2 + 2 * i] = math.floor(v)
+  if v >= cap then
+    out[3 + 2 * i] = 0
+  elseif rate > 0 then
+    out[3 + 2 * i] = math.ceil((cap - v) / rate)
+  else
+    out[3 + 2 * i] = -1
+  end
+end
+return out
+"""
+
+# ARGV: per token bucket i: capacity, refill per ms; ARGV[#ARGV] is the correction in tokens:
+# positive debits more (the bucket may go negative: overuse is paid back by waiting), negative
+# refunds (never above capacity).
+SETTLE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local n = #KEYS
+local delta = tonumber(ARGV[2 * n + 1])
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local v = cap
+  local s = redis.call('HMGET', KEYS[i], 'v', 't')
+  if s[1] then
+    local elapsed = now - tonumber(s[2])
+    if elapsed < 0 then elapsed = 0 end
+    v = math.min(cap, tonumber(s[1]) + elapsed * rate)
+  end
+  v = math.min(cap, v - delta)
+  if v >= cap then
+    redis.call('DEL', KEYS[i])
+  else
+    local ttl = 86400000
+    if rate > 0 then ttl = math.ceil((cap - v) / rate) end
+    redis.call('HSET', KEYS[i], 'v', tostring(v), 't', string.format('%.3f', now))
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return n
+"""
+
+ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()  # noqa: S324
+
+# How long a bucket that never refills keeps its state (rate 0 with a burst: a quota).
+NEVER_TTL_MS = 86_400_000
+
+
+def _rate(bucket: Bucket) -> str:
+    return repr(bucket.per_second / 1000.0)
+
+
+def admit_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
+    """``EVALSHA`` and its arguments for these buckets, except the request's tokens."""
+    args: list[str] = ["EVALSHA", ADMIT_SHA, str(len(buckets))]
+    args += [b.key for b in buckets]
+    for b in buckets:
+        args += [str(b.capacity), _rate(b), "1" if b.kind == "tokens" else "0"]
+    return tuple(args)
+
+
+def settle_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
+    """``EVALSHA`` and its arguments for the token buckets among these, except the correction;
+    empty when there are none."""
+    token_buckets = [b for b in buckets if b.kind == "tokens"]
+    if not token_buckets:
+        return ()
+    args: list[str] = ["EVALSHA", SETTLE_SHA, str(len(token_buckets))]
+    args += [b.key for b in token_buckets]
+    for b in token_buckets:
+        args += [str(b.capacity), _rate(b)]
+    return tuple(args)
+
+
+def as_eval(command: tuple[str, ...]) -> tuple[str, ...]:
+    """The same command as ``EVAL`` with the script's text, for when Redis lost the script
+    (restart, ``SCRIPT FLUSH``, a failover) or a proxy in front of it refuses ``EVALSHA``."""
+    script = ADMIT if command[1] == ADMIT_SHA else SETTLE
+    return ("EVAL", script, *command[2:])

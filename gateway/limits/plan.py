@@ -1,0 +1,145 @@
+"""From configuration to charges: which buckets a request of a key, route and model pays into.
+
+A request is charged to, each time the limits exist:
+
+- the key's own limits (``keys[].limits``, or ``limits.default`` when it names none);
+- its team's limits (``limits.teams[team]``), one bucket shared by all the team's keys;
+- per key and route (``limits.routes[route]``);
+- per key and model (``limits.models``: the exact public name, else the first shell pattern
+  that matches, in config order). The bucket is per concrete model: a pattern says which
+  limits apply, each model matching it has its own bucket, as with OpenAI's per-model limits.
+
+Redis keys never contain the API key: a key is named by the first 16 hex digits of its
+configured hash. All of one request's keys share one hash tag so one script can touch them all on
+Redis Cluster: ``{k:<id>}`` for a key without a team, ``{t:<team>}`` for every bucket of a key
+in a team (its own and the team's). A team is thus one slot; that is the price of charging the
+team's bucket atomically with the key's.
+
+The planner is built once per config snapshot; ``charges()`` is a dict lookup and an
+allocation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from collections.abc import Iterable
+
+from gateway.config.model import ApiKey, GatewayConfig, Limits, LimitsSection
+from gateway.limits import lua
+from gateway.limits.buckets import Bucket, BucketSet, Plan
+
+# Combinations cached per key; models may be client-chosen (allow_unlisted_models), so bound it.
+_MAX_COMBINATIONS = 1024
+_SAFE_MODEL = re.compile(r"[A-Za-z0-9._:/@+-]{1,64}")
+
+
+def limit_buckets(limits: Limits, prefix: str, scope: str) -> list[Bucket]:
+    """The buckets one ``Limits`` describes: none for a rate of ``null``."""
+    out: list[Bucket] = []
+    if limits.requests_per_minute is not None:
+        rpm = limits.requests_per_minute
+        capacity = limits.request_burst if limits.request_burst is not None else rpm
+        out.append(Bucket(f"{prefix}:rpm", "requests", capacity, rpm / 60, scope))
+    if limits.tokens_per_minute is not None:
+        tpm = limits.tokens_per_minute
+        capacity = limits.token_burst if limits.token_burst is not None else tpm
+        out.append(Bucket(f"{prefix}:tpm", "tokens", capacity, tpm / 60, scope))
+    return out
+
+
+def key_id(key: ApiKey) -> str:
+    """The key's name in Redis: 16 hex digits of its configured hash, never the key."""
+    return key.hash.removeprefix("sha256:")[:16]
+
+
+def _model_part(model: str) -> str:
+    if _SAFE_MODEL.fullmatch(model):
+        return model
+    return "h" + hashlib.sha256(model.encode()).hexdigest()[:16]
+
+
+class _KeyPlans:
+    """One key's buckets, and its combinations with routes and models as they are asked for."""
+
+    __slots__ = ("base", "cache", "name", "prefix")
+
+    def __init__(self, key: ApiKey, limits: LimitsSection, namespace: str) -> None:
+        kid = key_id(key)
+        self.name = key.name
+        own = key.limits if key.limits is not None else limits.default
+        scope = f"key '{key.name}'"
+        base: list[Bucket] = []
+        if key.team is None:
+            self.prefix = f"{namespace}:{{k:{kid}}}"
+            base += limit_buckets(own, self.prefix, scope)
+        else:
+            tag = f"{namespace}:{{t:{key.team}}}"
+            self.prefix = f"{tag}:k:{kid}"
+            base += limit_buckets(own, self.prefix, scope)
+            team = limits.teams.get(key.team)
+            if team is not None:
+                base += limit_buckets(team, tag, f"team '{key.team}'")
+        self.base = tuple(base)
+        self.cache: dict[tuple[str, str | None], BucketSet] = {}
+
+
+class Planner:
+    """Turns (key, route, model, token estimate) into a ``Plan``. Pure: no I/O."""
+
+    def __init__(
+        self, limits: LimitsSection, keys: Iterable[ApiKey] = (), *, namespace: str = "rl"
+    ) -> None:
+        self._limits = limits
+        self._namespace = namespace
+        self._exact_models = dict(limits.models)
+        self._model_patterns = [
+            (pattern, lim)
+            for pattern, lim in limits.models.items()
+            if any(c in pattern for c in "*?[")
+        ]
+        self._keys = {key.name: _KeyPlans(key, limits, namespace) for key in keys}
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> Planner:
+        return cls(config.limits, config.keys)
+
+    def charges(self, *, key: ApiKey, route: str, model: str | None, tokens: int) -> Plan:
+        """The plan for one request: ``tokens`` is the reservation (``estimate_tokens``)."""
+        plans = self._keys.get(key.name)
+        if plans is None:  # a key not in this snapshot: plan it without caching
+            plans = _KeyPlans(key, self._limits, self._namespace)
+        bucket_set = plans.cache.get((route, model))
+        if bucket_set is None:
+            bucket_set = self._combine(plans, route, model)
+            if len(plans.cache) >= _MAX_COMBINATIONS:
+                plans.cache.clear()
+            plans.cache[(route, model)] = bucket_set
+        return Plan(plans.name, bucket_set, max(tokens, 0))
+
+    def model_limits(self, model: str) -> Limits | None:
+        found = self._exact_models.get(model)
+        if found is not None:
+            return found
+        for pattern, lim in self._model_patterns:
+            if fnmatch.fnmatchcase(model, pattern):
+                return lim
+        return None
+
+    def _combine(self, plans: _KeyPlans, route: str, model: str | None) -> BucketSet:
+        buckets = list(plans.base)
+        route_limits = self._limits.routes.get(route)
+        if route_limits is not None:
+            buckets += limit_buckets(
+                route_limits, f"{plans.prefix}:r:{route}", f"key '{plans.name}' on route '{route}'"
+            )
+        if model is not None:
+            model_limits = self.model_limits(model)
+            if model_limits is not None:
+                buckets += limit_buckets(
+                    model_limits,
+                    f"{plans.prefix}:m:{_model_part(model)}",
+                    f"key '{plans.name}' on model '{model}'",
+                )
+        return BucketSet(tuple(buckets), lua.admit_command(buckets), lua.settle_command(buckets))

@@ -1,0 +1,175 @@
+"""Find a response's real token usage in the raw bytes the relay forwards.
+
+The relay feeds every chunk as it arrives (``tap.feed(chunk)``) and calls ``tap.finish()`` at
+the end; the tap reads, never alters or holds back, the bytes. Memory is bounded and a chunk
+without usage costs a couple of µs:
+
+- JSON bodies (``application/json``): a small body is kept whole; past ``keep_bytes`` only its
+  last ``tail_bytes`` are, since OpenAI's responses end with their ``usage`` (chat completions,
+  completions, embeddings, the Responses API: only ``user`` and ``metadata`` may follow it).
+- Event streams (``text/event-stream``): complete events are scanned as they arrive and only
+  those holding a ``"usage": {`` object are parsed: the final chat chunk's ``usage`` (sent when
+  ``stream_options.include_usage`` is set; the other chunks carry ``"usage": null``) and the
+  Responses API's ``response.completed`` event's ``response.usage``. An event larger than
+  ``keep_bytes`` (a big ``response.completed``) keeps only its tail, where ``usage`` is.
+- Compressed bodies (a ``Content-Encoding`` other than identity, or gzip's magic bytes) are not
+  decompressed: the tap gives up and reports ``None``, and the reservation stands. The gateway
+  forwards bodies byte for byte (DESIGN §3), so decompressing would cost CPU for every response
+  on behalf of one counter; clients that want exact token accounting should not ask for gzip.
+
+In either body, the last ``"usage": {...}`` object with token counts wins; ``"usage"`` followed
+by ``:`` can only be a key (inside JSON strings its quotes are escaped), and the object is cut
+out by trying each closing brace with orjson, so there is no byte loop in Python.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_MAX_BRACES = 64  # closing braces tried per usage object before giving up on it
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+def parse_usage(obj: object) -> Usage | None:
+    """A ``usage`` object of any OpenAI API: chat/completions and embeddings
+    (``prompt_tokens``, ``completion_tokens``, ``total_tokens``) or the Responses API
+    (``input_tokens``, ``output_tokens``, ``total_tokens``)."""
+    if not isinstance(obj, dict):
+        return None
+    inp = _count(obj.get("prompt_tokens", obj.get("input_tokens")))
+    out = _count(obj.get("completion_tokens", obj.get("output_tokens")))
+    total = _count(obj.get("total_tokens"))
+    if total is None:
+        if inp is None and out is None:
+            return None
+        total = (inp or 0) + (out or 0)
+    return Usage(inp or 0, out or 0, total)
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def find_usage(data: bytes | bytearray) -> Usage | None:
+    """The last ``"usage": {...}`` object with token counts in a piece of JSON (or its tail)."""
+    starts = [m.end() - 1 for m in _USAGE.finditer(data)]
+    for start in reversed(starts):
+        usage = _object_at(data, start)
+        if usage is not None:
+            return usage
+    return None
+
+
+def _object_at(data: bytes | bytearray, start: int) -> Usage | None:
+    end = start
+    for _ in range(_MAX_BRACES):
+        end = data.find(b"}", end + 1)
+        if end < 0:
+            return None
+        try:
+            obj = orjson.loads(data[start : end + 1])
+        except orjson.JSONDecodeError:
+            continue
+        return parse_usage(obj)
+    return None
+
+
+class UsageTap:
+    """Reads usage from a response's raw chunks; ``finish()`` returns it, or ``None``."""
+
+    __slots__ = ("_buf", "_done", "_keep", "_sse", "_tail", "_truncated", "_usage")
+
+    def __init__(
+        self,
+        content_type: str | None,
+        content_encoding: str | None = None,
+        *,
+        keep_bytes: int = 256 * 1024,
+        tail_bytes: int = 16 * 1024,
+    ) -> None:
+        ctype = (content_type or "").lower()
+        encoding = (content_encoding or "").strip().lower()
+        self._sse = ctype.startswith("text/event-stream")
+        self._done = encoding not in ("", "identity") or not (
+            self._sse or "json" in ctype or not ctype
+        )
+        self._buf = bytearray()
+        self._keep = keep_bytes
+        self._tail = tail_bytes
+        self._truncated = False  # JSON: the head was dropped; SSE: the first event's head was
+        self._usage: Usage | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        """Usage found so far (a stream's final event may come before its end)."""
+        return self._usage
+
+    def feed(self, chunk: bytes) -> None:
+        if self._done or not chunk:
+            return
+        buf = self._buf
+        if not buf and not self._truncated and chunk[:2] == b"\x1f\x8b":
+            self._give_up()  # gzip without a Content-Encoding saying so
+            return
+        if self._sse:
+            self._feed_event_stream(chunk)
+            return
+        buf += chunk
+        if len(buf) > self._keep:
+            del buf[: len(buf) - self._tail]
+            self._truncated = True
+
+    def finish(self) -> Usage | None:
+        """End of the body: look at what is left and return the usage found, if any."""
+        if not self._done:
+            if self._buf:
+                found = find_usage(self._buf)
+                if found is not None:
+                    self._usage = found
+            self._give_up()
+        return self._usage
+
+    def _give_up(self) -> None:
+        self._done = True
+        self._buf = bytearray()
+
+    def _feed_event_stream(self, chunk: bytes) -> None:
+        buf = self._buf
+        # A boundary may straddle the previous chunk's end: look back three bytes.
+        look = len(buf) - 3 if len(buf) > 3 else 0
+        buf += chunk
+        end = _last_boundary(buf, look)
+        if end < 0:
+            if len(buf) > self._keep:  # one huge event: keep its tail, where usage is
+                del buf[: len(buf) - self._tail]
+                self._truncated = True
+            return
+        if _USAGE.search(buf, 0, end) is not None:
+            found = find_usage(buf[:end])
+            if found is not None:
+                self._usage = found
+        self._truncated = False
+        del buf[:end]
+
+
+def _last_boundary(buf: bytearray, start: int) -> int:
+    """The end of the last complete event (after its blank line) at or after ``start``,
+    or -1. Lines end in LF or CRLF (a lone CR, legal but unused by LLM APIs, is not seen)."""
+    lf = buf.rfind(b"\n\n", start)
+    crlf = buf.rfind(b"\r\n\r\n", start)
+    if lf < 0 and crlf < 0:
+        return -1
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
