@@ -1,0 +1,151 @@
+"""The app factory: one config in, one ASGI app out.
+
+The middleware order is one expression (after Starlette): forwarded headers first, so the access
+log and every rule see the real client, scheme and root path; then the request id and access log;
+then the dispatch between the gateway's own endpoints and the relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from gateway import errors
+from gateway.access_log import AccessLog
+from gateway.aiohttp_client import AiohttpClient
+from gateway.config.checks import RESERVED_PATHS
+from gateway.config.model import GatewayConfig
+from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
+from gateway.openapi import openapi_document
+from gateway.proxy import Proxy
+from gateway.runtime import Runtime, build_runtime
+from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream import ClientFactory
+
+# The gateway's own endpoints; the config loader refuses routes on these (RESERVED_PATHS).
+OWN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+assert OWN_PATHS <= RESERVED_PATHS
+
+
+class Gateway:
+    """The ASGI application: lifespan, the gateway's own endpoints, and the relay."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        client_factory: ClientFactory = AiohttpClient,
+        root_path: str | None = None,
+    ) -> None:
+        self.config = config
+        self.client_factory = client_factory
+        self.forwarded_stats = ForwardedStats()
+        self._runtime: Runtime | None = None
+        self._proxy = Proxy(self.runtime)
+        self._own = Router(
+            routes=[
+                Route("/healthz", self._healthz, methods=["GET", "HEAD"]),
+                Route("/readyz", self._readyz, methods=["GET", "HEAD"]),
+                Route("/openapi.json", self._openapi, methods=["GET"]),
+            ],
+            redirect_slashes=False,
+            default=self._not_found,
+        )
+        server = config.server
+        self._app: ASGIApp = ForwardedMiddleware(
+            AccessLog(
+                self._dispatch,
+                enabled=server.access_log,
+                logger=logging.getLogger("gateway.access"),
+            ),
+            trusted=TrustedProxies(server.trusted_proxies),
+            root_path=server.root_path if root_path is None else root_path,
+            stats=self.forwarded_stats,
+        )
+
+    def runtime(self) -> Runtime:
+        runtime = self._runtime
+        if runtime is None:
+            raise errors.not_ready()
+        return runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self._app(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no websockets: the gateway relays HTTP APIs only
+        if self._runtime is None:
+            await errors.not_ready().send(send)
+            return
+        root_path: str = scope.get("root_path", "")
+        path: str = scope["path"]
+        relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
+        if relative in OWN_PATHS:
+            await self._own(scope, receive, send)
+        else:
+            await self._proxy(scope, receive, send)
+
+    @staticmethod
+    async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        await errors.unknown_route(scope["method"], scope["path"]).send(send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # the server reports it and exits
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        self._runtime = build_runtime(self.config, self.client_factory)
+
+    async def shutdown(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            await runtime.aclose()
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _readyz(self, request: Request) -> Response:
+        runtime = self._runtime
+        if runtime is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse(
+            {
+                "status": "ready",
+                "routes": len(runtime.routes.endpoints),
+                "upstreams": len(runtime.upstreams),
+                "keys": len(runtime.keys),
+            }
+        )
+
+    async def _openapi(self, request: Request) -> Response:
+        document = openapi_document(self.runtime().routes, request.scope.get("root_path", ""))
+        return Response(orjson.dumps(document), media_type="application/json")
+
+
+def app_from_environment() -> Gateway:
+    """uvicorn factory for ``gateway serve`` workers: the config path comes from the environment."""
+    from gateway.config.loader import load_config
+
+    path = os.environ["GATEWAY_CONFIG"]
+    root_path = os.environ.get("GATEWAY_ROOT_PATH")
+    return Gateway(load_config(path), root_path=root_path)

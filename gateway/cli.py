@@ -1,0 +1,204 @@
+"""``gateway``: serve, check a config, make keys, print the config's JSON Schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gateway import __version__
+from gateway.auth import hash_key, new_key
+from gateway.config.loader import ConfigError, load_config
+from gateway.config.model import GatewayConfig
+from gateway.routing import RouteTable
+
+
+def _logging(level: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+            "raw": {"format": "%(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+            "access": {"class": "logging.StreamHandler", "formatter": "raw"},
+        },
+        "loggers": {
+            "gateway.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "gateway": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+        },
+    }
+
+
+def _load(path: str) -> GatewayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for issue in exc.errors:
+            print(f"  {issue}", file=sys.stderr)
+        return None
+
+
+def describe(config: GatewayConfig) -> str:
+    """The resolved table ``gateway check`` prints: every public path, method and target."""
+    table = RouteTable(config.routes)
+    rows = [("ROUTE", "METHODS", "PUBLIC PATH", "UPSTREAM", "UPSTREAM PATH", "NOTES")]
+    for endpoint in table.endpoints:
+        route, alias = endpoint.route, endpoint.alias
+        notes = []
+        if alias is not None:
+            notes.append("alias")
+            if alias.deprecated is not False:
+                notes.append(
+                    "deprecated"
+                    + ("" if alias.deprecated is True else f" since {alias.deprecated}")
+                )
+            if alias.sunset:
+                notes.append(f"sunset {alias.sunset}")
+            if alias.successor:
+                notes.append(f"successor {alias.successor}")
+        base = config.upstreams[route.upstream].base_url
+        rows.append(
+            (
+                route.name,
+                ",".join(route.methods),
+                endpoint.public_path,
+                route.upstream,
+                base + route.target_path(),
+                "; ".join(notes),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5]
+        for row in rows
+    ]
+    lines.append("")
+    lines.append("MODELS")
+    for name, model in config.models.items():
+        lines.append(f"  {name} -> {model.upstream}:{model.model or name}")
+    unlisted = "routed to the route's upstream" if config.allow_unlisted_models else "refused (404)"
+    lines.append(f"  (unlisted models: {unlisted})")
+    lines.append("")
+    lines.append("KEYS")
+    for key in config.keys:
+        team = f" team={key.team}" if key.team else ""
+        lines.append(
+            f"  {key.name}{team} routes={','.join(key.routes)} models={','.join(key.models)}"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    print(f"{args.config}: OK")
+    print(describe(config))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
+    if args.root_path is not None:
+        os.environ["GATEWAY_ROOT_PATH"] = args.root_path
+    uvicorn.run(
+        "gateway.app:app_from_environment",
+        factory=True,
+        host=args.host or config.server.host,
+        port=config.server.port if args.port is None else args.port,
+        workers=args.workers,
+        http="httptools",
+        loop="uvloop",
+        lifespan="on",
+        # One place decides whom to trust (DESIGN §3): the gateway's middleware, from YAML.
+        proxy_headers=False,
+        forwarded_allow_ips="",
+        # The upstream's Server and Date headers pass through; uvicorn adds none of its own.
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_config=_logging(args.log_level),
+        timeout_keep_alive=75,
+    )
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    key = new_key()
+    print(f"# The key, shown once; hand it to {args.name} and keep no copy:", file=sys.stderr)
+    print(key)
+    entry: dict[str, Any] = {"name": args.name, "hash": hash_key(key)}
+    if args.team:
+        entry["team"] = args.team
+    print("# Add under 'keys:' in the config:", file=sys.stderr)
+    print("  - " + "\n    ".join(f"{k}: {v}" for k, v in entry.items()))
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("no key on standard input", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(GatewayConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    root.add_argument("--version", action="version", version=__version__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the gateway")
+    serve.add_argument("--config", default=os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml"))
+    serve.add_argument("--host", help="default: server.host from the config")
+    serve.add_argument("--port", type=int, help="default: server.port from the config")
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--root-path", help="public path prefix; overrides server.root_path")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate a config and print its route table")
+    check.add_argument("config")
+    check.set_defaults(run=_check)
+
+    keys = commands.add_parser("keys", help="client API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="make a key; print it once and its YAML entry")
+    new.add_argument("name")
+    new.add_argument("--team")
+    new.set_defaults(run=_keys_new)
+    hashed = key_commands.add_parser("hash", help="print the hash of a key read from stdin")
+    hashed.set_defaults(run=_keys_hash)
+
+    schema = commands.add_parser("schema", help="print the config's JSON Schema")
+    schema.set_defaults(run=_schema)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
