@@ -1,0 +1,373 @@
+"""The relay, end to end: a real gateway process in front of a real fake upstream.
+
+Bytes are compared with what the upstream sends directly; timing tests read the stream the way
+a client does and check events are not held back.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import time
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import DEMO_KEY, NARROW_KEY, UPSTREAM_KEY
+from tests.fakeupstream import FakeUpstream, standard_chat_request
+from tests.gatewayproc import GatewayProcess
+
+AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
+
+
+def post(url: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(
+        url,
+        content=orjson.dumps(body),
+        headers={"content-type": "application/json", **AUTH, **(headers or {})},
+        timeout=10,
+    )
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def test_non_stream_body_and_headers_equal_direct(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    request = standard_chat_request()
+    direct = post(f"{upstream.base_url}/chat/completions", request)
+    via = post(f"{gateway.url}/v1/chat/completions", request)
+    assert via.status_code == direct.status_code == 200
+    assert via.content == direct.content
+    for name in ("content-type", "openai-organization", "openai-version", "openai-processing-ms"):
+        assert via.headers[name] == direct.headers[name]
+    assert via.headers["x-request-id"].startswith("req_fake_")
+    assert "x-gateway-request-id" in via.headers
+
+
+def test_stream_bytes_equal_direct(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    request = standard_chat_request(stream=True, include_usage=True)
+    direct = post(f"{upstream.base_url}/chat/completions", request)
+    via = post(f"{gateway.url}/v1/chat/completions", request)
+    assert via.content == direct.content
+    assert via.headers["content-type"].startswith("text/event-stream")
+    assert via.headers["x-accel-buffering"] == "no"
+    assert via.headers["cache-control"] == "no-cache"
+
+
+def test_sse_events_flushed_as_they_arrive(gateway: GatewayProcess) -> None:
+    """Each event reaches the client when the upstream emits it (100 ms apart), not batched."""
+    arrivals: list[float] = []
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        content=orjson.dumps(standard_chat_request(stream=True)),
+        headers={
+            **AUTH,
+            "content-type": "application/json",
+            "x-fake-chunks": "5",
+            "x-fake-interval-ms": "100",
+        },
+        timeout=10,
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == 7  # 5 pieces, the finish chunk, [DONE]
+    # The upstream waits 100 ms between events; a gateway that batched would show ~0 gaps.
+    assert all(gap > 0.07 for gap in gaps), gaps
+
+
+def test_gzip_body_relayed_still_encoded(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    request = standard_chat_request()
+    headers = {"accept-encoding": "gzip", "x-fake-gzip": "1"}
+    direct = post(f"{upstream.base_url}/chat/completions", request, headers)
+    with httpx.Client(timeout=10) as client:
+        via = client.send(
+            client.build_request(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                content=orjson.dumps(request),
+                headers={**AUTH, "content-type": "application/json", **headers},
+            ),
+            stream=True,
+        )
+        raw = b"".join(via.iter_raw())
+        via.close()
+    assert via.headers["content-encoding"] == "gzip"
+    assert gzip.decompress(raw) == direct.content
+    assert upstream.last().header("accept-encoding") == "gzip"
+
+
+def test_accept_encoding_identity_when_client_sends_none(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    with httpx.Client(timeout=10) as client:
+        request = client.build_request("GET", f"{gateway.url}/v1/models", headers=AUTH)
+        del request.headers["accept-encoding"]
+        assert client.send(request).status_code == 200
+    assert upstream.last().header("accept-encoding") == "identity"
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])
+def test_upstream_errors_pass_through_unchanged(
+    gateway: GatewayProcess, upstream: FakeUpstream, status: int
+) -> None:
+    request = standard_chat_request()
+    headers = {"x-fake-status": str(status)}
+    direct = post(f"{upstream.base_url}/chat/completions", request, headers)
+    via = post(f"{gateway.url}/v1/chat/completions", request, headers)
+    assert via.status_code == direct.status_code == status
+    assert via.content == direct.content
+    if status == 429:
+        assert via.headers["retry-after"] == "0"
+
+
+def test_client_credentials_never_reach_upstream_and_upstream_key_never_reaches_client(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    via = post(
+        f"{gateway.url}/v1/echo",
+        {"x": 1},
+        {"x-api-key": DEMO_KEY, "api-key": DEMO_KEY},
+    )
+    assert via.status_code == 200
+    seen = upstream.last()
+    assert seen.header("authorization") == f"Bearer {UPSTREAM_KEY}"
+    assert seen.header("x-api-key") is None
+    assert seen.header("api-key") is None
+    assert DEMO_KEY not in str(seen.headers)
+    assert UPSTREAM_KEY not in str(dict(via.headers))
+    # The upstream's own authority, not the gateway's.
+    assert seen.header("host") == upstream.url.removeprefix("http://")
+    assert UPSTREAM_KEY not in gateway.logs()
+    assert DEMO_KEY not in gateway.logs()
+
+
+def test_hop_by_hop_headers_removed_before_gateway_adds_its_own(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    post(
+        f"{gateway.url}/v1/echo",
+        {},
+        {
+            "connection": "x-custom-hop, authorization",
+            "x-custom-hop": "1",
+            "te": "trailers",
+            "x-end-to-end": "kept",
+        },
+    )
+    seen = upstream.last()
+    assert seen.header("x-custom-hop") is None
+    assert seen.header("te") is None
+    assert seen.header("x-end-to-end") == "kept"
+    assert seen.header("authorization") == f"Bearer {UPSTREAM_KEY}"
+
+
+def test_unaliased_request_bytes_reach_upstream_untouched(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    raw = b'{ "model" : "gpt-fake",\n  "messages": [{"role": "user", "content": "h\\u00e9"}] }'
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        content=raw,
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert upstream.last().body == raw
+
+
+def test_model_alias_rewrites_only_the_model(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    request = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "n": 1}
+    response = post(f"{gateway.url}/v1/chat/completions", request)
+    assert response.status_code == 200
+    assert upstream.last().json() == {**request, "model": "gpt-4o-mini"}
+    assert response.json()["model"] == "gpt-4o-mini"
+
+
+def test_query_string_forwarded_unchanged(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    response = httpx.get(f"{gateway.url}/v1/echo?a=1&b=%2F&a=2", headers=AUTH)
+    assert response.status_code == 200
+    assert upstream.last().query_string == "a=1&b=%2F&a=2"
+    assert upstream.last().path == "/v1/echo"
+
+
+def test_deprecated_alias_adds_deprecation_sunset_and_successor(gateway: GatewayProcess) -> None:
+    response = post(f"{gateway.url}/openai/v1/chat/completions", standard_chat_request())
+    assert response.status_code == 200
+    assert response.headers["deprecation"] == "@1767225600"
+    assert response.headers["sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
+    assert response.headers["link"] == '</v1/chat/completions>; rel="successor-version"'
+    current = post(f"{gateway.url}/chat/completions", standard_chat_request())
+    assert current.status_code == 200
+    assert "deprecation" not in current.headers
+
+
+# Errors the gateway makes itself, in OpenAI's shape.
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "code"),
+    [
+        ("POST", "/v1/chat/completions", b"{not json", AUTH, 400, "invalid_json"),
+        ("POST", "/v1/chat/completions", b"x" * 70000, AUTH, 413, "request_too_large"),
+        ("POST", "/nowhere", b"{}", AUTH, 404, "unknown_url"),
+        ("PUT", "/v1/chat/completions", b"{}", AUTH, 405, "method_not_allowed"),
+        ("POST", "/v1/chat/completions", b"{}", {}, 401, "missing_api_key"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b"{}",
+            {"authorization": "Bearer sk-gw-nope"},
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "POST",
+            "/v1/embeddings",
+            b'{"model":"fast","input":"x"}',
+            {"authorization": f"Bearer {NARROW_KEY}"},
+            403,
+            "route_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model":"gpt-fake","messages":[]}',
+            {"authorization": f"Bearer {NARROW_KEY}"},
+            403,
+            "model_not_allowed",
+        ),
+        ("POST", "/down/chat/completions", b'{"model":"x"}', AUTH, 502, "upstream_unreachable"),
+    ],
+)
+def test_gateway_errors_use_openai_shape_and_status(
+    gateway: GatewayProcess,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    response = httpx.request(
+        method,
+        f"{gateway.url}{path}",
+        content=body,
+        headers={"content-type": "application/json", **headers},
+        timeout=10,
+    )
+    assert response.status_code == status
+    assert error_of(response)["code"] == code
+
+
+def test_method_not_allowed_lists_allowed_methods(gateway: GatewayProcess) -> None:
+    response = httpx.put(f"{gateway.url}/v1/chat/completions", headers=AUTH)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "DELETE, GET, POST"
+
+
+def test_unknown_model_is_404_when_unlisted_models_are_refused(
+    strict_gateway: GatewayProcess,
+) -> None:
+    response = post(f"{strict_gateway.url}/v1/chat/completions", standard_chat_request("nope"))
+    assert response.status_code == 404
+    error = error_of(response)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    listed = post(f"{strict_gateway.url}/v1/chat/completions", standard_chat_request("fast"))
+    assert listed.status_code == 200
+
+
+def test_upstream_timeout_before_headers_is_504(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    started = time.monotonic()
+    response = post(
+        f"{gateway.url}/slow/chat/completions", standard_chat_request(), {"x-fake-hang": "1"}
+    )
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 3
+    # The gateway hung up on the upstream.
+    upstream.wait_for_disconnect(timeout=3)
+
+
+def test_upstream_failure_mid_stream_is_not_a_clean_end(gateway: GatewayProcess) -> None:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),  # noqa: PT012
+        httpx.stream(
+            "POST",
+            f"{gateway.url}/v1/chat/completions",
+            content=orjson.dumps(standard_chat_request(stream=True)),
+            headers={**AUTH, "content-type": "application/json", "x-fake-fail-after": "2"},
+            timeout=10,
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for _ in response.iter_raw():
+            pass
+
+
+def test_client_disconnect_closes_upstream_within_a_second(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    upstream.clear()
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        content=orjson.dumps(standard_chat_request(stream=True)),
+        headers={**AUTH, "content-type": "application/json", "x-fake-hang-after": "1"},
+        timeout=10,
+    ) as response:
+        next(response.iter_raw())
+        closed_at = time.monotonic()
+    record = upstream.wait_for_disconnect(timeout=3)
+    assert record.disconnected_at is not None
+    assert record.disconnected_at - closed_at < 1.0
+
+
+def test_client_disconnect_before_upstream_headers_cancels_upstream(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    upstream.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            content=orjson.dumps(standard_chat_request()),
+            headers={**AUTH, "content-type": "application/json", "x-fake-hang": "1"},
+            timeout=0.5,
+        )
+    # httpx gave up after its timeout and closed the connection; the upstream saw it go.
+    upstream.wait_for_disconnect(timeout=3)
+
+
+def test_large_body_relayed_intact(gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    request = standard_chat_request()
+    headers = {"x-fake-bytes": "3000000"}
+    direct = post(f"{upstream.base_url}/chat/completions", request, headers)
+    via = post(f"{gateway.url}/v1/chat/completions", request, headers)
+    assert len(via.content) >= 3_000_000
+    assert via.content == direct.content
+
+
+def test_access_log_names_key_route_and_status_without_secrets(gateway: GatewayProcess) -> None:
+    post(f"{gateway.url}/v1/chat/completions?secret=q", standard_chat_request())
+    time.sleep(0.1)
+    lines = [orjson.loads(line) for line in gateway.logs().splitlines() if line.startswith("{")]
+    record = lines[-1]
+    assert record["route"] == "chat"
+    assert record["key"] == "demo"
+    assert record["status"] == 200
+    assert record["upstream"] == "fake"
+    assert "secret=q" not in gateway.logs()
