@@ -22,7 +22,10 @@ from gateway.limits.buckets import (
     Plan,
     format_duration,
 )
+from gateway.limits.limiter import Limiter, LimiterStats
+from gateway.limits.local_limiter import LocalLimiter
 from gateway.limits.plan import Planner
+from gateway.limits.redis_limiter import RedisLimiter, build_limiter
 from gateway.limits.tokens import estimate_tokens
 from gateway.limits.usage import Usage, UsageTap
 
@@ -33,10 +36,15 @@ __all__ = [
     "Charge",
     "Decision",
     "Kind",
+    "Limiter",
+    "LimiterStats",
+    "LocalLimiter",
     "Plan",
     "Planner",
+    "RedisLimiter",
     "Usage",
     "UsageTap",
+    "build_limiter",
     "estimate_tokens",
     "format_duration",
 ]
