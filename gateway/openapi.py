@@ -6,6 +6,7 @@ their sunset and successor, so generated clients warn where the headers would.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gateway import __version__
@@ -26,6 +27,16 @@ _ERROR = {
         }
     },
 }
+
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::path)?\}")
+
+
+def _parameters(path: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PARAM.findall(path)
+    ]
 
 
 def openapi_document(table: RouteTable, root_path: str) -> dict[str, Any]:
@@ -56,7 +67,12 @@ def openapi_document(table: RouteTable, root_path: str) -> dict[str, Any]:
                     operation["x-sunset"] = alias.sunset.isoformat()
                 if alias.successor is not None:
                     operation["x-successor"] = root_path + alias.successor
-            paths.setdefault(endpoint.public_path, {})[method.lower()] = operation
+            parameters = _parameters(endpoint.public_path)
+            if parameters:
+                operation["parameters"] = parameters
+            # OpenAPI path templates have no catch-all syntax: '{rest:path}' becomes '{rest}'.
+            public = _PARAM.sub(r"{\1}", endpoint.public_path)
+            paths.setdefault(public, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM gateway", "version": __version__},
