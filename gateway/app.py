@@ -7,6 +7,8 @@ then the dispatch between the gateway's own endpoints and the relay.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 
@@ -23,9 +25,15 @@ from gateway.config.model import GatewayConfig
 from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
-from gateway.runtime import Runtime, build_runtime
+from gateway.reload import ConfigReloader
+from gateway.runtime import Runtime, build_runtime, retired_clients
 from gateway.types import ASGIApp, Receive, Scope, Send
-from gateway.upstream import ClientFactory
+from gateway.upstream import ClientFactory, UpstreamClient
+
+logger = logging.getLogger("gateway.app")
+
+# How long a pool the new config no longer uses stays open for the requests still on it.
+RETIRE_AFTER_SECONDS = 900.0
 
 # The gateway's own endpoints; the config loader refuses routes on these (RESERVED_PATHS).
 OWN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
@@ -41,11 +49,15 @@ class Gateway:
         *,
         client_factory: ClientFactory = AiohttpClient,
         root_path: str | None = None,
+        config_files: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         self.client_factory = client_factory
         self.forwarded_stats = ForwardedStats()
         self._runtime: Runtime | None = None
+        self._config_files = config_files
+        self.reloader: ConfigReloader | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._proxy = Proxy(self.runtime)
         self._own = Router(
             routes=[
@@ -115,11 +127,46 @@ class Gateway:
 
     async def startup(self) -> None:
         self._runtime = build_runtime(self.config, self.client_factory)
+        if self._config_files:
+            self.reloader = ConfigReloader(
+                self._config_files[0],
+                self._config_files,
+                self.apply,
+                interval=self.config.server.reload_interval,
+            )
+            self.reloader.start()
 
     async def shutdown(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
+        for task in list(self._retiring):
+            task.cancel()
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             await runtime.aclose()
+
+    async def apply(self, config: GatewayConfig) -> None:
+        """Swap in a snapshot of ``config``; requests in flight finish on the old one."""
+        previous = self.runtime()
+        if config.server != previous.config.server:
+            logger.warning("the 'server' section changed; restart the gateway to apply it")
+        current = build_runtime(config, self.client_factory, previous)
+        self._runtime = current
+        self.config = config
+        retired = retired_clients(previous, current)
+        if retired:
+            task = asyncio.ensure_future(self._retire(retired))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(clients: list[UpstreamClient]) -> None:
+        try:
+            await asyncio.sleep(RETIRE_AFTER_SECONDS)
+        finally:
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -128,14 +175,15 @@ class Gateway:
         runtime = self._runtime
         if runtime is None:
             return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse(
-            {
-                "status": "ready",
-                "routes": len(runtime.routes.endpoints),
-                "upstreams": len(runtime.upstreams),
-                "keys": len(runtime.keys),
-            }
-        )
+        body: dict[str, object] = {
+            "status": "ready",
+            "routes": len(runtime.routes.endpoints),
+            "upstreams": len(runtime.upstreams),
+            "keys": len(runtime.keys),
+        }
+        if self.reloader is not None:
+            body["config"] = self.reloader.status.as_dict()
+        return JSONResponse(body)
 
     async def _openapi(self, request: Request) -> Response:
         document = openapi_document(self.runtime().routes, request.scope.get("root_path", ""))
@@ -144,8 +192,9 @@ class Gateway:
 
 def app_from_environment() -> Gateway:
     """uvicorn factory for ``gateway serve`` workers: the config path comes from the environment."""
-    from gateway.config.loader import load_config
+    from gateway.config.loader import load_config_files
 
     path = os.environ["GATEWAY_CONFIG"]
     root_path = os.environ.get("GATEWAY_ROOT_PATH")
-    return Gateway(load_config(path), root_path=root_path)
+    config, files = load_config_files(path)
+    return Gateway(config, root_path=root_path, config_files=files)

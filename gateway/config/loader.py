@@ -80,11 +80,20 @@ def load_config(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
     """Load the file at ``path`` and its includes; ``env`` defaults to ``os.environ``."""
+    return load_config_files(path, env)[0]
+
+
+def load_config_files(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> tuple[GatewayConfig, tuple[str, ...]]:
+    """Like :func:`load_config`, also naming every file read (for reload on change)."""
     file = os.fspath(path)
     text = _read(file)
     if isinstance(text, OSError | UnicodeDecodeError):
         raise ConfigError([ConfigIssue(file, None, "", _cannot_read(text))])
-    return parse_config_text(text, file, env)
+    session = _Session(os.environ if env is None else env)
+    session.add(text, file, ((os.path.realpath(file), file),))
+    return session.finish(), tuple(session.files)
 
 
 def parse_config_text(

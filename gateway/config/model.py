@@ -297,6 +297,12 @@ class ServerSettings(Model):
         32 * 1024 * 1024, ge=1, description="Largest request body. Default 32 MiB."
     )
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
+    reload_interval: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds between checks of the config files for changes (0: only SIGHUP). "
+        "Changes to 'server' itself need a restart. Default 2.",
+    )
 
     @field_validator("root_path")
     @classmethod
