@@ -1,0 +1,148 @@
+"""An in-process limiter with the Redis script's semantics, line for line.
+
+The embedded default when no Redis is configured, and the fallback when Redis fails
+(``on_failure: local``, and the counting behind ``open``). Its buckets hold per process: with N
+workers a key gets up to N times its limits. Memory is bounded: past ``max_buckets`` the full
+buckets are dropped (a missing bucket is a full one, so this changes nothing), then the least
+recently written ones (which forgives their debt: acceptable for a per-process fallback).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from gateway.limits.buckets import Decision, Plan
+from gateway.limits.limiter import LimiterStats
+from gateway.limits.lua import NEVER_TTL_MS
+
+# Per bucket key: [level, time of level (ms), capacity, refill per ms]
+_State = list[float]
+
+
+class LocalLimiter:
+    def __init__(
+        self,
+        *,
+        max_buckets: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        stats: LimiterStats | None = None,
+    ) -> None:
+        self._buckets: dict[str, _State] = {}
+        self._max = max_buckets
+        self._clock = clock
+        self.stats = stats if stats is not None else LimiterStats()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    async def admit(self, plan: Plan) -> Decision:
+        return self.admit_now(plan)
+
+    def admit_now(self, plan: Plan, *, force: bool = False, degraded: bool = False) -> Decision:
+        """Admit or refuse synchronously. ``force`` debits and admits even when short (the
+        counting behind ``on_failure: open``)."""
+        buckets = plan.buckets.buckets
+        if not buckets:
+            self.stats.admitted += 1
+            return Decision(plan, True, degraded=degraded)
+        now = self._clock() * 1000.0
+        tokens = plan.tokens
+        states = self._buckets
+        levels: list[float] = []
+        retry = 0.0
+        limiting = -1
+        for i, b in enumerate(buckets):
+            cap = b.capacity
+            rate = b.per_second / 1000.0
+            cost = tokens if b.kind == "tokens" else 1
+            state = states.get(b.key)
+            v = float(cap) if state is None else _refill(state, now, cap, rate)
+            levels.append(v)
+            if cost > 0 and v < cost:
+                if cost > cap or rate <= 0:
+                    retry, limiting = -1.0, i
+                elif retry >= 0:
+                    wait = (cost - v) / rate
+                    if wait > retry:
+                        retry, limiting = wait, i
+        allowed = limiting < 0 or force
+        remaining: list[int] = []
+        reset: list[int] = []
+        for i, b in enumerate(buckets):
+            cap = b.capacity
+            rate = b.per_second / 1000.0
+            v = levels[i]
+            cost = tokens if b.kind == "tokens" else 1
+            if allowed and cost > 0:
+                v -= cost
+                states.pop(b.key, None)  # re-insert: dict order is write order (LRU)
+                states[b.key] = [v, now, cap, rate]
+            remaining.append(math.floor(v))
+            reset.append(_reset_ms(v, cap, rate))
+        if len(states) > self._max:
+            self._shrink(now)
+        if allowed:
+            self.stats.admitted += 1
+            return Decision(plan, True, 0, tuple(remaining), tuple(reset), degraded=degraded)
+        self.stats.refused += 1
+        retry_ms = math.ceil(retry) if retry > 0 else int(retry)
+        return Decision(
+            plan, False, retry_ms, tuple(remaining), tuple(reset), limiting, degraded=degraded
+        )
+
+    async def settle(self, decision: Decision, actual_tokens: int | None) -> None:
+        if actual_tokens is None or not decision.allowed:
+            return
+        self.settle_now(decision.plan, actual_tokens - decision.plan.tokens)
+
+    def settle_now(self, plan: Plan, delta: int) -> None:
+        """Debit ``delta`` more tokens (refund when negative) from the plan's token buckets."""
+        if delta == 0:
+            return
+        now = self._clock() * 1000.0
+        states = self._buckets
+        for b in plan.buckets.buckets:
+            if b.kind != "tokens":
+                continue
+            cap = b.capacity
+            rate = b.per_second / 1000.0
+            state = states.pop(b.key, None)
+            v = float(cap) if state is None else _refill(state, now, cap, rate)
+            v = min(float(cap), v - delta)
+            if v < cap:
+                states[b.key] = [v, now, cap, rate]
+        if len(states) > self._max:
+            self._shrink(now)
+
+    async def aclose(self) -> None:
+        self._buckets.clear()
+
+    def _shrink(self, now: float) -> None:
+        states = self._buckets
+        for key, state in list(states.items()):
+            if _refill(state, now, state[2], state[3]) >= state[2] or _expired(state, now):
+                del states[key]
+        target = self._max * 9 // 10
+        if len(states) > target:
+            for key in list(states)[: len(states) - target]:
+                del states[key]
+
+
+def _refill(state: _State, now: float, cap: float, rate: float) -> float:
+    elapsed = now - state[1]
+    return min(cap, state[0] + (elapsed if elapsed > 0 else 0.0) * rate)
+
+
+def _expired(state: _State, now: float) -> bool:
+    # Mirrors the Redis key's expiry for buckets that never refill.
+    return state[3] <= 0 and now - state[1] >= NEVER_TTL_MS
+
+
+def _reset_ms(v: float, cap: float, rate: float) -> int:
+    if v >= cap:
+        return 0
+    if rate > 0:
+        return math.ceil((cap - v) / rate)
+    return -1
