@@ -23,6 +23,7 @@ from gateway.aiohttp_client import AiohttpClient
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
 from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
+from gateway.limits import Limiter, LimiterStats, build_limiter
 from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
 from gateway.reload import ConfigReloader
@@ -58,6 +59,8 @@ class Gateway:
         self._config_files = config_files
         self.reloader: ConfigReloader | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.limiter_stats = LimiterStats()
+        self.limiter: Limiter | None = None
         self._proxy = Proxy(self.runtime)
         self._own = Router(
             routes=[
@@ -126,7 +129,8 @@ class Gateway:
                 return
 
     async def startup(self) -> None:
-        self._runtime = build_runtime(self.config, self.client_factory)
+        self.limiter = build_limiter(self.config.redis, stats=self.limiter_stats)
+        self._runtime = build_runtime(self.config, self.client_factory, self.limiter)
         if self._config_files:
             self.reloader = ConfigReloader(
                 self._config_files[0],
@@ -144,13 +148,17 @@ class Gateway:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             await runtime.aclose()
+        await self._proxy.drain()
+        if self.limiter is not None:
+            await self.limiter.aclose()
 
     async def apply(self, config: GatewayConfig) -> None:
         """Swap in a snapshot of ``config``; requests in flight finish on the old one."""
         previous = self.runtime()
-        if config.server != previous.config.server:
-            logger.warning("the 'server' section changed; restart the gateway to apply it")
-        current = build_runtime(config, self.client_factory, previous)
+        for section in ("server", "redis"):
+            if getattr(config, section) != getattr(previous.config, section):
+                logger.warning("the '%s' section changed; restart the gateway to apply it", section)
+        current = build_runtime(config, self.client_factory, previous.limiter, previous)
         self._runtime = current
         self.config = config
         retired = retired_clients(previous, current)
@@ -183,6 +191,12 @@ class Gateway:
         }
         if self.reloader is not None:
             body["config"] = self.reloader.status.as_dict()
+        stats = self.limiter_stats
+        body["limits"] = {
+            "store": "redis" if runtime.config.redis.url else "local (per process)",
+            "degraded_decisions": stats.degraded,
+            "redis_errors": stats.redis_errors,
+        }
         return JSONResponse(body)
 
     async def _openapi(self, request: Request) -> Response:

@@ -84,7 +84,9 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(
-    upstream: Iterable[tuple[bytes, bytes]], added: Sequence[tuple[bytes, bytes]]
+    upstream: Iterable[tuple[bytes, bytes]],
+    added: Sequence[tuple[bytes, bytes]],
+    drop: frozenset[bytes] = frozenset(),
 ) -> tuple[RawHeaders, bool]:
     """Headers for the client, and whether the body is an event stream.
 
@@ -92,7 +94,7 @@ def downstream_response_headers(
     included: the relay forwards the bytes as the upstream encoded them.
     """
     upstream = list(upstream)
-    dropped = _NOT_DOWNSTREAM | _connection_tokens(upstream)
+    dropped = _NOT_DOWNSTREAM | _connection_tokens(upstream) | drop
     out: RawHeaders = []
     event_stream = False
     has_cache_control = False

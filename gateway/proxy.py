@@ -20,6 +20,7 @@ from gateway import body as request_body
 from gateway import errors
 from gateway.auth import Principal
 from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
 from gateway.routing import Match, MethodMismatch, relative_raw_path
 from gateway.runtime import Runtime, UpstreamTarget
 from gateway.types import RawHeaders, Receive, Scope, Send
@@ -35,6 +36,14 @@ from gateway.upstream import (
 logger = logging.getLogger("gateway.proxy")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """An admitted request's limits: settled from the response's real usage when it ends."""
+
+    limiter: Limiter
+    decision: Decision
 
 
 @dataclass(slots=True)
@@ -65,6 +74,14 @@ class Proxy:
 
     def __init__(self, runtime: Callable[[], Runtime]) -> None:
         self._runtime = runtime
+        # Settlements run after the response; held here so they are not collected mid-flight
+        # and so shutdown can wait for them.
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        """Wait for pending token settlements (at shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self._runtime()  # one snapshot for the whole request
@@ -92,13 +109,34 @@ class Proxy:
                 receive, headers, runtime.config.server.max_body_bytes
             )
             upstream = runtime.upstreams[route.upstream]
+            document: dict[str, Any] | None = None
+            model: str | None = None
             if route.model_in_body and method in _BODY_METHODS and request_body.is_json(headers):
-                document = request_body.parse_json(payload)
-                if isinstance(document, dict):
-                    upstream, payload = self._resolve_model(
+                parsed = request_body.parse_json(payload)
+                if isinstance(parsed, dict):
+                    document = parsed
+                    upstream, payload, model = self._resolve_model(
                         runtime, principal, document, payload, upstream
                     )
+                    if route.stream_usage:
+                        payload = _ask_for_stream_usage(document, payload)
             scope["gateway.upstream"] = upstream.name
+
+            # Limits come last among the checks: a request refused for any other reason
+            # costs its key nothing. Nothing reaches the upstream for a refused request.
+            admission: _Admission | None = None
+            plan = runtime.planner.charges(
+                key=principal.config, route=route.name, model=model, tokens=0
+            )
+            if plan.buckets.buckets:
+                if plan.buckets.has_tokens:
+                    reserve = estimate_tokens(document, runtime.config.limits.default_max_tokens)
+                    plan = Plan(plan.key_name, plan.buckets, reserve)
+                decision = await runtime.limiter.admit(plan)
+                if not decision.allowed:
+                    raise decision.error()
+                extra = [*extra, *decision.headers()]
+                admission = _Admission(runtime.limiter, decision)
 
             outbound = OutboundRequest(
                 method=method,
@@ -114,7 +152,7 @@ class Proxy:
             return
         except request_body.ClientDisconnected:
             return
-        await self._exchange(scope, receive, send, upstream, outbound, extra)
+        await self._exchange(scope, receive, send, upstream, outbound, extra, admission)
 
     @staticmethod
     def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
@@ -134,27 +172,28 @@ class Proxy:
         document: dict[str, Any],
         payload: bytes,
         route_upstream: UpstreamTarget,
-    ) -> tuple[UpstreamTarget, bytes]:
-        """Apply the key's model rule and the model alias table.
+    ) -> tuple[UpstreamTarget, bytes, str | None]:
+        """Apply the key's model rule and the model alias table; returns the upstream, the
+        body to send and the public model name.
 
         The body is re-serialised only when the upstream's name for the model differs; otherwise
         the client's bytes go upstream untouched."""
         model = document.get("model")
         if not isinstance(model, str):
             # No model (or not a string): the upstream answers as it would have directly.
-            return route_upstream, payload
+            return route_upstream, payload, None
         if not principal.may_use_model(model):
             raise errors.model_not_allowed(model)
         alias = runtime.models.get(model)
         if alias is None:
             if not runtime.config.allow_unlisted_models:
                 raise errors.unknown_model(model)
-            return route_upstream, payload
+            return route_upstream, payload, model
         upstream_model = alias.model or model
         if upstream_model != model:
             document["model"] = upstream_model
             payload = orjson.dumps(document)
-        return runtime.upstreams[alias.upstream], payload
+        return runtime.upstreams[alias.upstream], payload, model
 
     @staticmethod
     def _forwarded_for(scope: Scope, upstream: UpstreamTarget) -> str | None:
@@ -174,19 +213,27 @@ class Proxy:
         upstream: UpstreamTarget,
         outbound: OutboundRequest,
         extra: RawHeaders,
+        admission: _Admission | None,
     ) -> None:
         exchange = _Exchange(task=asyncio.current_task())
         watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
         response: UpstreamResponse | None = None
+        tap: UsageTap | None = None
         complete = False
+        unanswered = False  # the upstream failed before its response: it used no tokens
         try:
             try:
                 response = await upstream.client.send(outbound)
             except UpstreamError as exc:
+                unanswered = True
                 scope["gateway.upstream_error"] = type(exc).__name__
                 await _upstream_refusal(exc, upstream.name).send(send, extra)
                 return
-            complete = await self._relay(scope, send, response, extra)
+            if admission is not None and admission.decision.plan.buckets.has_tokens:
+                tap = _usage_tap(response.raw_headers)
+            complete = await self._relay(
+                scope, send, response, extra, tap, strip_ratelimit=admission is not None
+            )
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -201,13 +248,37 @@ class Proxy:
                     response.release()
                 else:
                     response.close()
+            if admission is not None:
+                # Runs on every ending, a client disconnect included (DESIGN §3).
+                self._settle(admission, 0 if unanswered else _used_tokens(tap))
+
+    def _settle(self, admission: _Admission, used: int | None) -> None:
+        if used is None or not admission.decision.plan.buckets.has_tokens:
+            return  # no usage seen: the reservation stands
+        task = asyncio.ensure_future(admission.limiter.settle(admission.decision, used))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     @staticmethod
     async def _relay(
-        scope: Scope, send: Send, response: UpstreamResponse, extra: RawHeaders
+        scope: Scope,
+        send: Send,
+        response: UpstreamResponse,
+        extra: RawHeaders,
+        tap: UsageTap | None,
+        *,
+        strip_ratelimit: bool,
     ) -> bool:
-        """Forward the head, then each raw chunk the moment it arrives. True if it completed."""
-        headers, _ = downstream_response_headers(response.raw_headers, extra)
+        """Forward the head, then each raw chunk the moment it arrives. True if it completed.
+
+        The usage tap reads the same chunk objects; it never changes or delays them."""
+        headers, _ = downstream_response_headers(
+            response.raw_headers,
+            extra,
+            # The upstream's x-ratelimit-* describe the gateway's own upstream key; the
+            # caller's limits replace them.
+            drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
+        )
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         read = response.read_chunk
         sent = 0
@@ -225,6 +296,8 @@ class Proxy:
             if not chunk:
                 break
             sent += len(chunk)
+            if tap is not None:
+                tap.feed(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         scope["gateway.bytes"] = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -237,3 +310,35 @@ def _upstream_refusal(exc: UpstreamError, upstream: str) -> errors.GatewayError:
     if isinstance(exc, UpstreamConnectError):
         return errors.upstream_unreachable(upstream)
     return errors.upstream_failed(upstream)
+
+
+def _ask_for_stream_usage(document: dict[str, Any], payload: bytes) -> bytes:
+    """Add ``stream_options.include_usage`` to a stream request that did not ask for it, so
+    token limits settle exactly. The client then receives the final usage chunk (empty
+    ``choices``) exactly as the upstream sends it, as if it had asked itself."""
+    if document.get("stream") is not True:
+        return payload
+    options = document.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return payload
+    document["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return orjson.dumps(document)
+
+
+def _usage_tap(raw_headers: Any) -> UsageTap:
+    content_type = content_encoding = None
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lowered == b"content-encoding":
+            content_encoding = value.decode("latin-1")
+    return UsageTap(content_type, content_encoding)
+
+
+def _used_tokens(tap: UsageTap | None) -> int | None:
+    usage = tap.finish() if tap is not None else None
+    return usage.total_tokens if usage is not None else None

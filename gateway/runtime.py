@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from gateway.auth import KeyRing
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts, Upstream
+from gateway.limits import Limiter, Planner
 from gateway.routing import RouteTable
 from gateway.upstream import ClientFactory, UpstreamClient
 
@@ -74,6 +75,9 @@ class Runtime:
     models: Mapping[str, ModelAlias]
     # Per route name: the route's own timeouts, or None to use the upstream's.
     route_timeouts: Mapping[str, Timeouts | None]
+    planner: Planner
+    # Shared by every snapshot (its buckets outlive a reload); owned by the app's lifespan.
+    limiter: Limiter
 
     def timeouts(self, route: str, upstream: UpstreamTarget) -> Timeouts:
         return self.route_timeouts.get(route) or upstream.config.timeouts
@@ -86,6 +90,7 @@ class Runtime:
 def build_runtime(
     config: GatewayConfig,
     client_factory: ClientFactory,
+    limiter: Limiter,
     previous: Runtime | None = None,
 ) -> Runtime:
     """A snapshot for ``config``. Pools of upstreams whose settings did not change are reused
@@ -105,6 +110,8 @@ def build_runtime(
         upstreams=upstreams,
         models=dict(config.models),
         route_timeouts={route.name: route.timeouts for route in config.routes},
+        planner=Planner.from_config(config),
+        limiter=limiter,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -18,13 +19,15 @@ MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
 
 
 @pytest.fixture
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0)
+def client(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=DEMO_KEY, max_retries=0) as sdk:
+        yield sdk
 
 
 @pytest.fixture
-def direct(upstream: FakeUpstream) -> openai.OpenAI:
-    return openai.OpenAI(base_url=upstream.base_url, api_key="unused", max_retries=0)
+def direct(upstream: FakeUpstream) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=upstream.base_url, api_key="unused", max_retries=0) as sdk:
+        yield sdk
 
 
 def test_chat_completion_matches_direct(client: openai.OpenAI, direct: openai.OpenAI) -> None:
@@ -49,8 +52,8 @@ def test_chat_stream_matches_direct(client: openai.OpenAI, direct: openai.OpenAI
 
 
 def test_base_url_without_v1_works_through_alias(gateway: GatewayProcess) -> None:
-    sdk = openai.OpenAI(base_url=gateway.url, api_key=DEMO_KEY, max_retries=0)
-    completion = sdk.chat.completions.create(model="fast", messages=MESSAGES)
+    with openai.OpenAI(base_url=gateway.url, api_key=DEMO_KEY, max_retries=0) as sdk:
+        completion = sdk.chat.completions.create(model="fast", messages=MESSAGES)
     assert completion.model == "gpt-4o-mini"
 
 
@@ -101,8 +104,10 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
 
 
 def test_gateway_refusals_raise_the_sdk_exceptions(gateway: GatewayProcess) -> None:
-    wrong = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-gw-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as refused:
+    with (
+        openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-gw-wrong", max_retries=0) as wrong,
+        pytest.raises(openai.AuthenticationError) as refused,
+    ):
         wrong.chat.completions.create(model="gpt-fake", messages=MESSAGES)
     assert refused.value.code == "invalid_api_key"
 
