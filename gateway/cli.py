@@ -132,6 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_config=_logging(args.log_level),
         timeout_keep_alive=75,
+        # uvicorn would otherwise wait for every open stream, however long, before exiting.
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
     return 0
 
@@ -174,6 +176,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--root-path", help="public path prefix; overrides server.root_path")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=25.0,
+        help="seconds open requests get to finish at shutdown (default 25, under Kubernetes' 30)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate a config and print its route table")
