@@ -41,7 +41,18 @@ _PREFIX = b"x-forwarded-prefix"
 _FORWARDED = b"forwarded"
 # Read and always removed. X-Forwarded-Port and X-Real-IP are only removed: the port travels in
 # X-Forwarded-Host when it is not the default, and X-Real-IP cannot express a chain of hops.
-_REMOVED = frozenset({_XFF, _PROTO, _HOST, _PREFIX, _FORWARDED, b"x-forwarded-port", b"x-real-ip"})
+_REMOVED = frozenset(
+    {
+        _XFF,
+        _PROTO,
+        _HOST,
+        _PREFIX,
+        _FORWARDED,
+        b"x-forwarded-port",
+        b"x-forwarded-server",  # Traefik's own host name: nothing an upstream should learn
+        b"x-real-ip",
+    }
+)
 
 _SCHEMES = {
     "http": {"http": "http", "https": "https"},
@@ -288,8 +299,10 @@ class ForwardedMiddleware:
         begin with it (ASGI: ``path`` includes ``root_path``, as uvicorn sends it since 0.26;
         Starlette routes on ``path`` minus ``root_path``).
 
-        ``raw_path`` stays as the server received it: percent-encoding makes prefix arithmetic on
-        raw bytes unsafe, so the proxy derives the relative raw path itself.
+        Whenever the prefix is prepended to ``path``, the same bytes are prepended to
+        ``raw_path`` (the prefix is validated to hold no ``%``), so both carry it exactly when
+        the client's URL did: the relay routes on the raw path minus ``root_path``, and a
+        doubled prefix (``/llm/llm/v1/...``) must stay a 404 rather than be stripped twice.
         """
         path: str = scope["path"]
         # uvicorn --root-path already put its prefix in front of path; take it off again to see
@@ -299,15 +312,21 @@ class ForwardedMiddleware:
         if server_root and _under(path, server_root):
             path = path[len(server_root) :]
         root = self.root_path or server_root
+        prepend = False
         if prefix:
             # X-Forwarded-Prefix names what the proxy stripped, below the configured root path
             # (which a proxy further out, invisible to us, stripped): prepend both.
             root += prefix
-            path = root + path
+            prepend = True
         elif root and not _under(path, root):
             # The proxy stripped or replaced the prefix (Nginx `proxy_pass http://gw/;`). A path
             # that already starts with it was kept (`proxy_pass http://gw;`): leave it.
+            prepend = True
+        if prepend:
             path = root + path
+            raw_path = scope.get("raw_path")
+            if raw_path is not None:
+                scope["raw_path"] = root.encode("utf-8") + raw_path
         scope["root_path"] = root
         scope["path"] = path
 

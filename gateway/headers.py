@@ -43,6 +43,7 @@ _NOT_UPSTREAM = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-forwarded-port",
     b"x-forwarded-prefix",
+    b"x-forwarded-server",
     b"x-real-ip",
 }
 

@@ -289,14 +289,6 @@ def test_no_proxy_headers_reach_the_upstream(
 ) -> None:
     """Of the forwarded headers the proxy adds, the upstream sees only the gateway's own
     X-Forwarded-For (per its policy), never a proxy's header verbatim."""
-    if deployment.scenario.proxy == "traefik":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="gateway bug: Traefik's X-Forwarded-Server (its host name) is relayed "
-                "to the upstream; gateway/forwarded.py _REMOVED does not list it",
-            )
-        )
     marker = uuid.uuid4().hex
     with deployment.sdk(source=CLIENT) as sdk:
         sdk.chat.completions.create(
@@ -359,15 +351,6 @@ def test_a_doubled_prefix_is_not_a_route(
     deployment: Deployment, request: pytest.FixtureRequest
 ) -> None:
     """<prefix><prefix>/v1/models is not a public URL of the gateway: 404."""
-    if deployment.scenario.stripped:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="gateway bug: routing.relative_raw_path strips the prefix from raw_path "
-                "even when the proxy already stripped it (X-Forwarded-Prefix), so "
-                "<prefix><prefix>/v1/models is served as /v1/models",
-            )
-        )
     prefix = deployment.scenario.prefix
     response = deployment.http.get(
         deployment.proxy.url + prefix + prefix + "/v1/models",
