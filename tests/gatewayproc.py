@@ -22,6 +22,17 @@ def free_port() -> int:
         return port
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate a child politely, then for good after 10 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class GatewayProcess:
     """``gateway serve --config <yaml>`` on a free port until the context exits."""
 
@@ -90,13 +101,7 @@ class GatewayProcess:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         self._dir.cleanup()
 
     def __enter__(self) -> Self:

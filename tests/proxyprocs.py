@@ -23,7 +23,7 @@ from typing import Self
 
 import httpx
 
-from tests.gatewayproc import free_port
+from tests.gatewayproc import free_port, stop_process
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NGINX_DIR = DEPLOY / "nginx"
@@ -126,13 +126,7 @@ class ProxyProcess:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         self._dir.cleanup()
 
     def __enter__(self) -> Self:
