@@ -250,7 +250,14 @@ class Proxy:
                     response.close()
             if admission is not None:
                 # Runs on every ending, a client disconnect included (DESIGN §3).
-                self._settle(admission, 0 if unanswered else _used_tokens(tap))
+                used = _used_tokens(tap)
+                if used is None and (
+                    unanswered or (response is not None and response.status >= 400)
+                ):
+                    # The upstream failed or refused (and reported no usage): it generated
+                    # nothing, so the reservation is refunded rather than kept.
+                    used = 0
+                self._settle(admission, used)
 
     def _settle(self, admission: _Admission, used: int | None) -> None:
         if used is None or not admission.decision.plan.buckets.has_tokens:

@@ -203,12 +203,17 @@ class Decision:
                 code="rate_limit_unavailable",
                 headers=self.refusal_headers(),
             )
+        headers = self.refusal_headers()
+        if self.retry_after_ms < 0:
+            # Waiting cannot help (the request is larger than the bucket): tell the openai
+            # SDK not to retry it (it honours x-should-retry).
+            headers = [*headers, (b"x-should-retry", b"false")]
         return GatewayError(
             429,
             self.message(),
             type=self.kind or "requests",
             code="rate_limit_exceeded",
-            headers=self.refusal_headers(),
+            headers=headers,
         )
 
 

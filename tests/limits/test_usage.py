@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -201,10 +202,52 @@ def test_embeddings_json_body() -> None:
     assert feed_all(UsageTap("application/json"), [body]) == Usage(8, 0, 8)
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "zstd"])
-def test_compressed_bodies_are_given_up(encoding: str) -> None:
-    tap = UsageTap("application/json", encoding)
-    assert feed_all(tap, [gzip.compress(CHAT_JSON)]) is None
+def _deflate(data: bytes) -> bytes:
+    return zlib.compress(data)  # HTTP's "deflate" is zlib-wrapped (RFC 9110 §8.4.1.2)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [("gzip", gzip.compress), ("x-gzip", gzip.compress), ("deflate", _deflate)],
+)
+def test_gzip_and_deflate_bodies_are_inflated_from_a_copy(
+    encoding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    expected = feed_all(UsageTap("application/json"), [CHAT_JSON])
+    assert expected is not None
+    body = compress(CHAT_JSON)
+    assert feed_all(UsageTap("application/json", encoding), [body]) == expected
+    # Split at every byte: the streaming decompressor carries state across chunks.
+    assert feed_all(UsageTap("application/json", encoding), split_every(body, 1)) == expected
+
+
+def test_gzip_event_stream_flushed_per_event_is_inflated() -> None:
+    expected = feed_all(UsageTap("text/event-stream"), [chat_stream()])
+    assert expected is not None
+    compressor = zlib.compressobj(wbits=31)  # gzip, as the upstream streams it
+    chunks = [
+        compressor.compress(event + b"\n\n") + compressor.flush(zlib.Z_SYNC_FLUSH)
+        for event in chat_stream().split(b"\n\n")
+        if event
+    ]
+    chunks.append(compressor.flush())
+    assert feed_all(UsageTap("text/event-stream", "gzip"), chunks) == expected
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_encodings_without_a_stdlib_decoder_are_given_up(encoding: str) -> None:
+    assert feed_all(UsageTap("application/json", encoding), [b"\x00compressed"]) is None
+
+
+def test_corrupt_gzip_is_given_up_without_raising() -> None:
+    assert feed_all(UsageTap("application/json", "gzip"), [b"\x1f\x8bnot really"]) is None
+
+
+def test_relayed_chunk_objects_are_not_altered_by_inflating() -> None:
+    body = gzip.compress(CHAT_JSON)
+    before = bytes(body)
+    UsageTap("application/json", "gzip").feed(body)
+    assert body == before
 
 
 def test_unlabelled_gzip_is_recognised_and_given_up() -> None:
