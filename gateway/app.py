@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 
 import orjson
 from starlette.requests import Request
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from gateway import errors
-from gateway.access_log import AccessLog
+from gateway.access_log import AccessLog, BufferedLines
 from gateway.aiohttp_client import AiohttpClient
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
@@ -55,6 +56,7 @@ class Gateway:
         self.config = config
         self.client_factory = client_factory
         self.forwarded_stats = ForwardedStats()
+        self.access_lines = BufferedLines(sys.stderr)
         self._runtime: Runtime | None = None
         self._config_files = config_files
         self.reloader: ConfigReloader | None = None
@@ -73,11 +75,7 @@ class Gateway:
         )
         server = config.server
         self._app: ASGIApp = ForwardedMiddleware(
-            AccessLog(
-                self._dispatch,
-                enabled=server.access_log,
-                logger=logging.getLogger("gateway.access"),
-            ),
+            AccessLog(self._dispatch, write=self.access_lines.write if server.access_log else None),
             trusted=TrustedProxies(server.trusted_proxies),
             root_path=server.root_path if root_path is None else root_path,
             stats=self.forwarded_stats,
@@ -148,9 +146,9 @@ class Gateway:
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
             await runtime.aclose()
-        await self._proxy.drain()
         if self.limiter is not None:
             await self.limiter.aclose()
+        self.access_lines.flush()
 
     async def apply(self, config: GatewayConfig) -> None:
         """Swap in a snapshot of ``config``; requests in flight finish on the old one."""

@@ -22,14 +22,11 @@ def _logging(level: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {
             "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-            "raw": {"format": "%(message)s"},
         },
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
-            "access": {"class": "logging.StreamHandler", "formatter": "raw"},
         },
         "loggers": {
-            "gateway.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
             "gateway": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
             "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
         },

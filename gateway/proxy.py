@@ -74,14 +74,6 @@ class Proxy:
 
     def __init__(self, runtime: Callable[[], Runtime]) -> None:
         self._runtime = runtime
-        # Settlements run after the response; held here so they are not collected mid-flight
-        # and so shutdown can wait for them.
-        self._settling: set[asyncio.Task[None]] = set()
-
-    async def drain(self) -> None:
-        """Wait for pending token settlements (at shutdown)."""
-        if self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self._runtime()  # one snapshot for the whole request
@@ -228,12 +220,12 @@ class Proxy:
                 unanswered = True
                 scope["gateway.upstream_error"] = type(exc).__name__
                 await _upstream_refusal(exc, upstream.name).send(send, extra)
-                return
-            if admission is not None and admission.decision.plan.buckets.has_tokens:
-                tap = _usage_tap(response.raw_headers)
-            complete = await self._relay(
-                scope, send, response, extra, tap, strip_ratelimit=admission is not None
-            )
+            else:
+                if admission is not None and admission.decision.plan.buckets.has_tokens:
+                    tap = _usage_tap(response.raw_headers)
+                complete = await self._relay(
+                    scope, send, response, extra, tap, strip_ratelimit=admission is not None
+                )
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -248,23 +240,16 @@ class Proxy:
                     response.release()
                 else:
                     response.close()
-            if admission is not None:
-                # Runs on every ending, a client disconnect included (DESIGN §3).
-                used = _used_tokens(tap)
-                if used is None and (
-                    unanswered or (response is not None and response.status >= 400)
-                ):
-                    # The upstream failed or refused (and reported no usage): it generated
-                    # nothing, so the reservation is refunded rather than kept.
-                    used = 0
-                self._settle(admission, used)
-
-    def _settle(self, admission: _Admission, used: int | None) -> None:
-        if used is None or not admission.decision.plan.buckets.has_tokens:
-            return  # no usage seen: the reservation stands
-        task = asyncio.ensure_future(admission.limiter.settle(admission.decision, used))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        if admission is not None and admission.decision.plan.buckets.has_tokens:
+            # Every ending gets here, a client disconnect included (DESIGN §3); the response is
+            # already complete, so settling inline delays nobody.
+            used = _used_tokens(tap)
+            if used is None and (unanswered or (response is not None and response.status >= 400)):
+                # The upstream failed or refused (and reported no usage): it generated nothing,
+                # so the reservation is refunded rather than kept.
+                used = 0
+            if used is not None:
+                await admission.limiter.settle(admission.decision, used)
 
     @staticmethod
     async def _relay(

@@ -68,6 +68,26 @@ def _count(value: Any) -> int | None:
     return None
 
 
+def document_usage(document: object) -> Usage | None:
+    """The usage of a parsed response body or event: ``usage``, or ``response.usage``
+    (the Responses API's ``response.completed`` event)."""
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if usage is None and isinstance(document.get("response"), dict):
+        usage = document["response"].get("usage")
+    return parse_usage(usage) if isinstance(usage, dict) else None
+
+
+def _parse_whole(data: bytes | bytearray) -> Usage | None:
+    # One parse of a whole document is far cheaper than cutting the usage object out by trial
+    # (each failed trial raises); the cut is the fallback for tails and odd shapes.
+    try:
+        return document_usage(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def find_usage(data: bytes | bytearray) -> Usage | None:
     """The last ``"usage": {...}`` object with token counts in a piece of JSON (or its tail)."""
     starts = [m.end() - 1 for m in _USAGE.finditer(data)]
@@ -156,7 +176,9 @@ class UsageTap:
                     self._give_up()
         if not self._done:
             if self._buf:
-                found = find_usage(self._buf)
+                found = None if self._truncated else _parse_whole(self._buf)
+                if found is None:
+                    found = find_usage(self._buf)
                 if found is not None:
                     self._usage = found
             self._give_up()
@@ -178,11 +200,24 @@ class UsageTap:
                 self._truncated = True
             return
         if _USAGE.search(buf, 0, end) is not None:
-            found = find_usage(buf[:end])
+            found = _event_usage(buf, end)
+            if found is None:
+                found = find_usage(buf[:end])
             if found is not None:
                 self._usage = found
         self._truncated = False
         del buf[:end]
+
+
+def _event_usage(buf: bytearray, end: int) -> Usage | None:
+    """Usage from the last ``data:`` line before ``end`` that mentions it, parsed whole."""
+    found = None
+    for line in bytes(buf[:end]).splitlines():
+        if line.startswith(b"data:") and b'"usage"' in line:
+            usage = _parse_whole(line[5:])
+            if usage is not None:
+                found = usage
+    return found
 
 
 def _last_boundary(buf: bytearray, start: int) -> int:
