@@ -46,6 +46,12 @@ class _Admission:
     decision: Decision
 
 
+# The disconnect watcher starts only once an exchange has run this long: most non-streaming
+# answers finish sooner and never pay for a task, while a long generation is still cancelled
+# well within a second of the client leaving.
+WATCH_AFTER_SECONDS = 0.05
+
+
 @dataclass(slots=True)
 class _Exchange:
     """What the disconnect watcher and the relay share for one request."""
@@ -53,6 +59,17 @@ class _Exchange:
     task: asyncio.Task[Any] | None
     finished: bool = False
     client_gone: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    def start_watching(self, receive: Receive) -> None:
+        if not self.finished:
+            self.watcher = asyncio.ensure_future(_watch_disconnect(receive, self))
+
+    def stop_watching(self, timer: asyncio.TimerHandle) -> None:
+        self.finished = True
+        timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
@@ -208,7 +225,9 @@ class Proxy:
         admission: _Admission | None,
     ) -> None:
         exchange = _Exchange(task=asyncio.current_task())
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, exchange))
+        timer = asyncio.get_running_loop().call_later(
+            WATCH_AFTER_SECONDS, exchange.start_watching, receive
+        )
         response: UpstreamResponse | None = None
         tap: UsageTap | None = None
         complete = False
@@ -233,8 +252,7 @@ class Proxy:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             scope["gateway.client_gone"] = True
         finally:
-            exchange.finished = True
-            watcher.cancel()
+            exchange.stop_watching(timer)
             if response is not None:
                 if complete:
                     response.release()
