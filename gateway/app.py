@@ -24,6 +24,7 @@ from gateway.aiohttp_client import AiohttpClient
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
 from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
+from gateway.http1_client import Http1Client
 from gateway.limits import Limiter, LimiterStats, build_limiter
 from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
@@ -33,6 +34,9 @@ from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import ClientFactory, UpstreamClient
 
 logger = logging.getLogger("gateway.app")
+
+# The upstream clients behind the seam (gateway/upstream.py), by their config name.
+CLIENTS: dict[str, ClientFactory] = {"http1": Http1Client, "aiohttp": AiohttpClient}
 
 # How long a pool the new config no longer uses stays open for the requests still on it.
 RETIRE_AFTER_SECONDS = 900.0
@@ -49,12 +53,12 @@ class Gateway:
         self,
         config: GatewayConfig,
         *,
-        client_factory: ClientFactory = AiohttpClient,
+        client_factory: ClientFactory | None = None,
         root_path: str | None = None,
         config_files: tuple[str, ...] = (),
     ) -> None:
         self.config = config
-        self.client_factory = client_factory
+        self.client_factory = client_factory or CLIENTS[config.server.upstream_client]
         self.forwarded_stats = ForwardedStats()
         self.access_lines = BufferedLines(sys.stderr)
         self._runtime: Runtime | None = None
