@@ -9,13 +9,14 @@ from __future__ import annotations
 import gzip
 import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import DEMO_KEY, NARROW_KEY, UPSTREAM_KEY
+from tests.conftest import DEMO_KEY, NARROW_KEY, UPSTREAM_KEY, gateway_config
 from tests.fakeupstream import FakeUpstream, standard_chat_request
 from tests.gatewayproc import GatewayProcess
 
@@ -371,3 +372,41 @@ def test_access_log_names_key_route_and_status_without_secrets(gateway: GatewayP
     assert record["status"] == 200
     assert record["upstream"] == "fake"
     assert "secret=q" not in gateway.logs()
+
+
+# The other client behind the seam (server.upstream_client: aiohttp) relays the same bytes.
+
+
+@pytest.fixture(scope="module")
+def aiohttp_gateway(upstream: FakeUpstream) -> Iterator[GatewayProcess]:
+    config = gateway_config(upstream.base_url).replace(
+        "server:\n", "server:\n  upstream_client: aiohttp\n", 1
+    )
+    with GatewayProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as process:
+        yield process
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_aiohttp_client_relays_the_same_bytes(
+    aiohttp_gateway: GatewayProcess, upstream: FakeUpstream, stream: bool
+) -> None:
+    request = standard_chat_request(stream=stream, include_usage=stream)
+    direct = post(f"{upstream.base_url}/chat/completions", request)
+    via = post(f"{aiohttp_gateway.url}/v1/chat/completions", request)
+    assert via.status_code == 200
+    assert via.content == direct.content
+
+
+def test_aiohttp_client_cuts_a_failed_stream(aiohttp_gateway: GatewayProcess) -> None:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream(
+            "POST",
+            f"{aiohttp_gateway.url}/v1/chat/completions",
+            content=orjson.dumps(standard_chat_request(stream=True)),
+            headers={**AUTH, "content-type": "application/json", "x-fake-fail-after": "2"},
+            timeout=10,
+        ) as response,
+    ):
+        for _ in response.iter_raw():
+            pass
