@@ -116,11 +116,17 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # After the head, fields are trailers: never merged into the headers (RFC 9110 §6.5.1).
+        if not self.head_done:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            # The gateway never asks to switch protocols; an upstream that does is broken.
+            self._fail(UpstreamProtocolError("unexpected 101 Switching Protocols"))
+            return
+        if 100 <= status < 200:
             # An interim response (RFC 9110 §15.2): the real one follows on this message stream.
             self.informational = True
             self.headers = []
@@ -214,7 +220,7 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Response:
-    __slots__ = ("_client", "_connection", "_read_timeout", "_settled", "status")
+    __slots__ = ("_client", "_connection", "_headers", "_read_timeout", "_settled", "status")
 
     def __init__(self, client: Http1Client, connection: _Connection, read_timeout: float) -> None:
         self._client = client
@@ -222,10 +228,12 @@ class Http1Response:
         self._read_timeout = read_timeout
         self._settled = False
         self.status = connection.status
+        # Kept here: the connection's list is replaced by its next exchange after release.
+        self._headers = connection.headers
 
     @property
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
-        return self._connection.headers
+        return self._headers
 
     async def read_chunk(self) -> bytes:
         connection = self._connection
@@ -316,29 +324,42 @@ class Http1Client:
             return Http1Response(self, connection, timeouts.read)
         raise UpstreamProtocolError("connection closed")
 
-    async def _acquire(self, key: _Key, connect_timeout: float) -> _Connection:
+    def _take_idle(self, key: _Key) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()  # the most recently used: least likely to have timed out
-            if connection.alive and not connection.transport.is_closing():  # type: ignore[union-attr]
+            transport = connection.transport
+            if connection.alive and transport is not None and not transport.is_closing():
                 connection.reused = True
                 return connection
+        return None
+
+    async def _acquire(self, key: _Key, connect_timeout: float) -> _Connection:
+        connection = self._take_idle(key)
+        if connection is not None:
+            return connection
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
         while self._open >= self._limit:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
+            timer = loop.call_later(max(0.0, deadline - loop.time()), _expire, waiter)
             try:
-                await asyncio.wait_for(waiter, connect_timeout)
-            except TimeoutError:
+                await waiter
+            except UpstreamTimeout:
                 raise UpstreamTimeout("no free connection") from None
+            except BaseException:
+                # Cancelled just as a place came free: pass the wake-up to the next waiter.
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake_one()
+                raise
             finally:
+                timer.cancel()
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            idle = self._idle.get(key)
-            while idle:
-                connection = idle.pop()
-                if connection.alive:
-                    connection.reused = True
-                    return connection
+            connection = self._take_idle(key)
+            if connection is not None:
+                return connection
         return await self._connect(key, connect_timeout)
 
     async def _connect(self, key: _Key, seconds: float) -> _Connection:
@@ -355,12 +376,19 @@ class Http1Client:
                 await asyncio.get_running_loop().create_connection(
                     lambda: connection, host, port, ssl=context
                 )
-        except TimeoutError:
-            self._open -= 1
-            raise UpstreamTimeout("connect timeout") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._open -= 1
-            raise UpstreamConnectError(type(exc).__name__) from None
+        except BaseException as exc:
+            # Every failure (a cancelled request included) gives its place back to the pool
+            # and lets a request waiting for it try.
+            if connection.transport is not None:
+                connection.abort()  # connection_lost frees the place
+            else:
+                self._open -= 1
+                self._wake_one()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout("connect timeout") from None
+            if isinstance(exc, OSError | ssl.SSLError):
+                raise UpstreamConnectError(type(exc).__name__) from None
+            raise
         return connection
 
     def _release(self, connection: _Connection) -> None:

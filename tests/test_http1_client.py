@@ -972,11 +972,6 @@ async def test_aclose_closes_idle_connections_and_drops_busy_ones_when_released(
 # -- Bugs found while writing this specification (strict xfails: they fail until fixed) ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Http1Client._connect gives its pool place back on failure (lines 358-363) without "
-    "_wake_one(): a request waiting for a place sleeps until its own connect timeout",
-)
 async def test_a_failed_connect_wakes_a_request_waiting_for_its_place(
     make_client: MakeClient,
 ) -> None:
@@ -993,11 +988,6 @@ async def test_a_failed_connect_wakes_a_request_waiting_for_its_place(
 
 
 @linux_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="Http1Client._connect catches only TimeoutError and OSError/SSLError (lines 358-363): "
-    "a request cancelled while connecting never gives its pool place back",
-)
 async def test_a_request_cancelled_while_connecting_gives_its_place_back(
     make_client: MakeClient,
 ) -> None:
@@ -1015,13 +1005,6 @@ async def test_a_request_cancelled_while_connecting_gives_its_place_back(
     assert body == b"ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Http1Client._acquire (lines 326-341) waits with asyncio.wait_for on a future "
-    "_wake_one() already resolved: a cancel arriving then is swallowed on Python 3.11 (the "
-    "request goes on) and loses the wake-up on 3.12+ (the next waiter sleeps until its timeout "
-    "beside an idle connection)",
-)
 async def test_a_waiter_cancelled_as_it_is_woken_stops_and_passes_the_turn_on(
     make_client: MakeClient,
 ) -> None:
@@ -1043,12 +1026,6 @@ async def test_a_waiter_cancelled_as_it_is_woken_stops_and_passes_the_turn_on(
     assert outcome[1] == b"ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Connection.on_headers_complete marks a 101 as the response head (lines 128-132) and "
-    "llhttp then completes the message, so the HttpParserUpgrade failure set in data_received "
-    "comes too late: send() returns status 101 and read_chunk() a clean b''",
-)
 async def test_a_switch_of_protocols_nobody_asked_for_is_a_protocol_error(
     make_client: MakeClient,
 ) -> None:
@@ -1071,12 +1048,6 @@ async def test_a_switch_of_protocols_nobody_asked_for_is_a_protocol_error(
         pytest.fail(f"got a {response.status} response instead of UpstreamProtocolError")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Connection.on_header (line 118) appends trailer fields to the response's header "
-    "list: they show up in raw_headers, at once when they arrive in the same read as the head "
-    "(RFC 9110 §6.5.1: a trailer must not be merged into the header section)",
-)
 async def test_trailer_fields_do_not_show_up_as_response_headers(
     make_client: MakeClient,
 ) -> None:
@@ -1090,12 +1061,6 @@ async def test_trailer_fields_do_not_show_up_as_response_headers(
     assert (at_head, list(response.raw_headers)) == (head, head)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Http1Response.raw_headers (lines 226-228) reads the connection's current header "
-    "list, which the connection's next exchange replaces: a released response's headers "
-    "become another response's (status, by contrast, is kept at line 224)",
-)
 async def test_a_responses_headers_stay_its_own_after_its_connection_is_reused(
     make_client: MakeClient,
 ) -> None:
