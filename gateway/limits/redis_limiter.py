@@ -126,7 +126,8 @@ class RedisLimiter:
             try:
                 return await client.execute_command(*command, last)
             except NoScriptError:
-                pass  # Redis restarted, flushed its scripts or failed over: EVAL loads it again
+                # Redis restarted, flushed its scripts or failed over: EVAL loads it again.
+                return await client.execute_command(*lua.as_eval(command), last)
             except ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
