@@ -72,7 +72,7 @@ class Gateway:
             routes=[
                 Route("/healthz", self._healthz, methods=["GET", "HEAD"]),
                 Route("/readyz", self._readyz, methods=["GET", "HEAD"]),
-                Route("/openapi.json", self._openapi, methods=["GET"]),
+                Route("/openapi.json", self._openapi, methods=["GET", "HEAD"]),
             ],
             redirect_slashes=False,
             default=self._not_found,
@@ -107,6 +107,12 @@ class Gateway:
         path: str = scope["path"]
         relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
         if relative in OWN_PATHS:
+            if scope["method"] not in ("GET", "HEAD"):
+                # Starlette's own 405 is plain text; every gateway error has OpenAI's shape.
+                await errors.method_not_allowed(scope["method"], relative, ("GET", "HEAD")).send(
+                    send
+                )
+                return
             await self._own(scope, receive, send)
         else:
             await self._proxy(scope, receive, send)

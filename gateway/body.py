@@ -52,12 +52,21 @@ async def read_body(receive: Receive, headers: RawHeaders, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-def is_json(headers: RawHeaders) -> bool:
+def media_type(headers: RawHeaders) -> bytes:
+    """The request's media type, lower-cased, without parameters; ``b""`` when none is given."""
     for name, value in headers:
         if name == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            return media == b"application/json" or media.endswith(b"+json")
-    return False
+            return value.split(b";", 1)[0].strip().lower()
+    return b""
+
+
+def may_be_json(media: bytes) -> bool:
+    """Whether a body of this media type is read as JSON for the model rules.
+
+    A missing or ``text/plain`` type counts: upstreams such as vLLM parse such a body as JSON
+    anyway, so skipping it would let a client slip past the key's model list and the token
+    reservation by leaving the header out."""
+    return media in (b"", b"application/json", b"text/plain") or media.endswith(b"+json")
 
 
 def parse_json(body: bytes) -> Any:

@@ -152,6 +152,25 @@ def missing_model() -> GatewayError:
     )
 
 
+def unsupported_media(media: str, route: str) -> GatewayError:
+    return GatewayError(
+        415,
+        f"Route '{route}' applies model rules to JSON bodies; a '{media}' body cannot be "
+        "checked. Send JSON, or ask the gateway's admin to set model_in_body: false for the "
+        "route.",
+        code="unsupported_media_type",
+    )
+
+
+def invalid_model_type() -> GatewayError:
+    return GatewayError(
+        400,
+        "Invalid type for 'model': expected a string.",
+        code="invalid_type",
+        param="model",
+    )
+
+
 def upstream_unreachable(upstream: str) -> GatewayError:
     # Names the upstream as the admin called it, never its URL (DESIGN §5: don't disclose it).
     return GatewayError(

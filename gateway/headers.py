@@ -63,13 +63,16 @@ def upstream_request_headers(
     inbound: RawHeaders,
     added: Sequence[tuple[str, str]],
     forwarded_for: str | None,
+    replaced: frozenset[bytes] = frozenset(),
 ) -> list[tuple[str, str]]:
     """Headers for the outbound request: the client's end-to-end headers, then ours.
 
     ``Accept-Encoding`` passes through as the client sent it and becomes ``identity`` when it
     sent none, so the HTTP client adds no gzip of its own and the relay never has to decode.
     """
-    dropped = _NOT_UPSTREAM | _connection_tokens(inbound)
+    # ``replaced``: the names the gateway sets itself for this upstream (its static headers),
+    # which a client's own value must not shadow or duplicate.
+    dropped = _NOT_UPSTREAM | _connection_tokens(inbound) | replaced
     out: list[tuple[str, str]] = []
     accept_encoding = "identity"
     for name, value in inbound:

@@ -8,9 +8,10 @@ one call, lets httptools (the parser uvicorn itself uses) split the response, an
 body on chunk by chunk, undecoded: chunked framing is removed, ``Content-Encoding`` is not.
 
 Connections are pooled per (scheme, host, port) and kept alive when the upstream allows it and
-the body was read to its end. A request that fails on a reused connection before any byte of
-the response came back is sent once more on a new connection: the upstream closed the idle
-connection as we wrote (the race every keep-alive client has; RFC 9112 §9.3.1).
+the body was read to its end. An idempotent request (or one with an ``Idempotency-Key``) that
+fails on a reused connection before any byte of the response came back is sent once more on a
+new connection: the upstream closed the idle connection as we wrote (the race every keep-alive
+client has; RFC 9112 §9.3.1). Other requests get a 502, which the openai SDK retries itself.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self.informational = False
         self.keep_alive = False
+        self.overrun = False
         self.head_only = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
@@ -104,7 +106,7 @@ class _Connection(asyncio.Protocol):
         self.client._forget(self)
         if self.complete or self.error is not None:
             return
-        if self.head_done and self._delimited_by_close():
+        if self.head_done and self._delimited_by_close() and exc is None:
             self.complete = True  # RFC 9112 §6.3: the body ended with the connection
             self._wake()
         elif not self.received and self.reused:
@@ -114,12 +116,23 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Bytes after the end of the response (RFC 9112 §9.3: no pipelining here): never
+            # part of this body, and the connection's framing cannot be trusted any more.
+            self.overrun = True
+            self.keep_alive = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.overrun:
+            return
         # After the head, fields are trailers: never merged into the headers (RFC 9110 §6.5.1).
         if not self.head_done:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.overrun:
+            return
         status = self.parser.get_status_code()
         if status == 101:
             # The gateway never asks to switch protocols; an upstream that does is broken.
@@ -137,6 +150,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.overrun:
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -145,6 +160,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.overrun:
+            return
         if self.informational:
             self.informational = False
             return
@@ -216,6 +233,7 @@ class _Connection(asyncio.Protocol):
             and self.complete
             and self.error is None
             and not self.head_only
+            and not self.overrun
             and self.keep_alive
         )
 
@@ -265,6 +283,15 @@ class Http1Response:
             self._client._release(self._connection)
 
 
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def _replayable(request: OutboundRequest) -> bool:
+    return request.method in _IDEMPOTENT or any(
+        name.lower() == "idempotency-key" for name, _ in request.headers
+    )
+
+
 def _split_url(url: str) -> tuple[_Key, str, str]:
     """``(scheme, host, port)``, the Host header value and the request target."""
     scheme, _, rest = url.partition("://")
@@ -309,7 +336,11 @@ class Http1Client:
         key, authority, target = _split_url(request.url)
         head = _head(request.method, target, authority, request)
         timeouts = request.timeouts
-        for _ in range(2):
+        # A request that died with its reused connection is sent again only when sending it
+        # twice is harmless (RFC 9110 §9.2.2): the upstream may have read it before the
+        # connection closed, and a second POST is a second generation (or file, or batch).
+        attempts = 2 if _replayable(request) else 1
+        for _ in range(attempts):
             connection = await self._acquire(key, timeouts.connect)
             connection.begin(head_only=request.method == "HEAD")
             assert connection.transport is not None

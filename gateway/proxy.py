@@ -21,7 +21,7 @@ from gateway import errors
 from gateway.auth import Principal
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
-from gateway.routing import Match, MethodMismatch, relative_raw_path
+from gateway.routing import Match, MethodMismatch, is_unsafe, relative_raw_path
 from gateway.runtime import Runtime, UpstreamTarget
 from gateway.types import RawHeaders, Receive, Scope, Send
 from gateway.upstream import (
@@ -100,7 +100,7 @@ class Proxy:
         path = relative_raw_path(scope.get("raw_path"), scope["path"], root_path)
         extra: RawHeaders = []
         try:
-            match = runtime.routes.match(method, path)
+            match = None if is_unsafe(path) else runtime.routes.match(method, path)
             if match is None:
                 raise errors.unknown_route(method, path)
             if isinstance(match, MethodMismatch):
@@ -120,15 +120,21 @@ class Proxy:
             upstream = runtime.upstreams[route.upstream]
             document: dict[str, Any] | None = None
             model: str | None = None
-            if route.model_in_body and method in _BODY_METHODS and request_body.is_json(headers):
-                parsed = request_body.parse_json(payload)
-                if isinstance(parsed, dict):
-                    document = parsed
-                    upstream, payload, model = self._resolve_model(
-                        runtime, principal, document, payload, upstream
-                    )
-                    if route.stream_usage:
-                        payload = _ask_for_stream_usage(document, payload)
+            if route.model_in_body and method in _BODY_METHODS and payload:
+                media = request_body.media_type(headers)
+                if request_body.may_be_json(media):
+                    parsed = request_body.parse_json(payload)
+                    if isinstance(parsed, dict):
+                        document = parsed
+                        upstream, payload, model = self._resolve_model(
+                            runtime, principal, document, payload, upstream
+                        )
+                        if route.stream_usage:
+                            payload = _ask_for_stream_usage(document, payload)
+                elif not principal.all_models or not runtime.config.allow_unlisted_models:
+                    # A model rule applies but the model of a form or binary body cannot be
+                    # read: refuse rather than let the body pass unchecked.
+                    raise errors.unsupported_media(media.decode("latin-1"), route.name)
             scope["gateway.upstream"] = upstream.name
 
             # Limits come last among the checks: a request refused for any other reason
@@ -139,8 +145,7 @@ class Proxy:
             )
             if plan.buckets.buckets:
                 if plan.buckets.has_tokens:
-                    reserve = estimate_tokens(document, runtime.config.limits.default_max_tokens)
-                    plan = Plan(plan.key_name, plan.buckets, reserve)
+                    plan = Plan(plan.key_name, plan.buckets, _reserve(runtime, document, payload))
                 decision = await runtime.limiter.admit(plan)
                 if not decision.allowed:
                     raise decision.error()
@@ -151,7 +156,10 @@ class Proxy:
                 method=method,
                 url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
                 headers=upstream_request_headers(
-                    headers, upstream.added_headers, self._forwarded_for(scope, upstream)
+                    headers,
+                    upstream.added_headers,
+                    self._forwarded_for(scope, upstream),
+                    replaced=upstream.added_names,
                 ),
                 body=payload,
                 timeouts=runtime.timeouts(route.name, upstream),
@@ -188,9 +196,11 @@ class Proxy:
         The body is re-serialised only when the upstream's name for the model differs; otherwise
         the client's bytes go upstream untouched."""
         model = document.get("model")
-        if not isinstance(model, str):
-            # No model (or not a string): the upstream answers as it would have directly.
+        if model is None:
+            # No model: the upstream answers as it would have directly.
             return route_upstream, payload, None
+        if not isinstance(model, str):
+            raise errors.invalid_model_type()
         if not principal.may_use_model(model):
             raise errors.model_not_allowed(model)
         alias = runtime.models.get(model)
@@ -239,6 +249,11 @@ class Proxy:
                 unanswered = True
                 scope["gateway.upstream_error"] = type(exc).__name__
                 await _upstream_refusal(exc, upstream.name).send(send, extra)
+            except Exception as exc:  # a fault in the client itself: still an OpenAI-shaped 502
+                unanswered = True
+                scope["gateway.upstream_error"] = type(exc).__name__
+                logger.exception("upstream client failed for upstream '%s'", upstream.name)
+                await errors.upstream_failed(upstream.name).send(send, extra)
             else:
                 if admission is not None and admission.decision.plan.buckets.has_tokens:
                     tap = _usage_tap(response.raw_headers)
@@ -352,3 +367,13 @@ def _usage_tap(raw_headers: Any) -> UsageTap:
 def _used_tokens(tap: UsageTap | None) -> int | None:
     usage = tap.finish() if tap is not None else None
     return usage.total_tokens if usage is not None else None
+
+
+def _reserve(runtime: Runtime, document: dict[str, Any] | None, payload: bytes) -> int:
+    """Tokens to reserve at admission."""
+    default = runtime.config.limits.default_max_tokens
+    try:
+        return estimate_tokens(document, default)
+    except RecursionError:
+        # Pathologically nested JSON (orjson accepts 1024 levels): a bound from its size.
+        return len(payload) // 4 + default

@@ -169,3 +169,24 @@ def relative_raw_path(scope_raw_path: bytes | None, path: str, root_path: str) -
         if not rest or rest.startswith("/"):
             return rest or "/"
     return raw
+
+
+# RFC 3986 §5.2.4 dot segments, percent-encoded or not.
+_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
+
+
+def is_unsafe(raw_path: str) -> bool:
+    """Dot segments, or empty segments inside the path (``//``).
+
+    Forwarded raw, ``/v1/../../x`` leaves the upstream's base path once anything on the way
+    normalises it (Nginx merges slashes and resolves dots by default), with the gateway's
+    upstream credentials; and ``/v1/./chat/completions`` would reach the chat endpoint through
+    the catch-all route, past the chat route's key rules and limits. Such paths are 404."""
+    if "/." not in raw_path and "//" not in raw_path and "%2" not in raw_path.lower():
+        return False  # the common case, decided without splitting
+    segments = raw_path.split("/")[1:]
+    last = len(segments) - 1
+    return any(
+        segment.lower() in _DOT_SEGMENTS or (not segment and i < last)
+        for i, segment in enumerate(segments)
+    )

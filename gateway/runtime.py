@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import unquote_plus, urlencode
 
 from gateway.auth import KeyRing
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts, Upstream
@@ -28,13 +28,24 @@ class UpstreamTarget:
     added_headers: tuple[tuple[str, str], ...]
     extra_query: str
     append_forwarded_for: bool
+    # Lower-cased names of added_headers: the client's headers of these names are dropped.
+    added_names: frozenset[bytes]
 
     def url(self, path: str, query_string: bytes) -> str:
         """``base_url`` + the route's upstream path + the client's query, unchanged."""
         url = self.config.base_url + path
         query = query_string.decode("latin-1")
         if self.extra_query:
-            query = f"{query}&{self.extra_query}" if query else self.extra_query
+            if query:
+                # The configured parameters (api-version, ...) replace the client's own.
+                kept = [
+                    pair
+                    for pair in query.split("&")
+                    if unquote_plus(pair.split("=", 1)[0]) not in self.config.query
+                ]
+                query = "&".join([*kept, self.extra_query])
+            else:
+                query = self.extra_query
         return f"{url}?{query}" if query else url
 
 
@@ -53,14 +64,13 @@ def _target(name: str, upstream: Upstream, client: UpstreamClient) -> UpstreamTa
         # Third-party APIs (https) learn nothing about our clients; internal ones (plain http,
         # usually a cluster-local vLLM or Ollama) get the address for their own logs.
         policy = "strip" if upstream.base_url.startswith("https://") else "append"
+    added = (*((k.lower(), v) for k, v in upstream.headers.items()), *_auth_headers(upstream))
     return UpstreamTarget(
         name=name,
         config=upstream,
         client=client,
-        added_headers=(
-            *((k.lower(), v) for k, v in upstream.headers.items()),
-            *_auth_headers(upstream),
-        ),
+        added_headers=added,
+        added_names=frozenset(k.encode("latin-1") for k, _ in added),
         extra_query=urlencode(upstream.query),
         append_forwarded_for=policy == "append",
     )

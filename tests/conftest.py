@@ -24,6 +24,7 @@ upstreams:
   fake:
     base_url: {upstream_base_url}
     auth: {{style: bearer, key: "${{TEST_UPSTREAM_KEY}}"}}
+    headers: {{x-gateway-tenant: tests}}
     timeouts: {{connect: 2, read: 30}}
   down:
     base_url: http://127.0.0.1:{free_port()}/v1

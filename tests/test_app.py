@@ -44,3 +44,10 @@ def test_trailing_slash_is_not_redirected(gateway: GatewayProcess) -> None:
     response = httpx.get(f"{gateway.url}/healthz/", follow_redirects=False)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_url"
+
+
+def test_wrong_method_on_own_endpoints_is_an_openai_shaped_405(gateway: GatewayProcess) -> None:
+    response = httpx.post(f"{gateway.url}/openapi.json")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "GET, HEAD"

@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import hashlib
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -704,26 +705,51 @@ async def test_a_kept_alive_connection_the_server_closed_is_replaced_transparent
     assert [len(c.requests) for c in server.connections] == [1, 1, 1]
 
 
-async def test_a_request_lost_by_a_reused_connection_is_sent_once_more_on_a_new_one(
-    make_client: MakeClient,
-) -> None:
-    async def drops_the_second(connection: RawConnection) -> None:
-        if connection is server.connections[0]:
+def _drops_the_second_request(
+    server: Callable[[], RawServer],
+) -> Callable[[RawConnection], Awaitable[None]]:
+    """A server whose first connection takes one request and closes as the second arrives."""
+
+    async def handler(connection: RawConnection) -> None:
+        if connection is server().connections[0]:
             await connection.read_request()
             connection.write(OK)
             await connection.read_request()
             return  # closed as the request arrived: not a byte of a response
         await answer_each(connection)
 
-    async with RawServer(drops_the_second) as server:
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("PUT", [("a", "1")]), ("POST", [("idempotency-key", "k-1")])],
+    ids=["idempotent-method", "idempotency-key"],
+)
+async def test_a_replayable_request_lost_by_a_reused_connection_is_sent_once_more(
+    make_client: MakeClient, method: str, headers: list[tuple[str, str]]
+) -> None:
+    async with RawServer(_drops_the_second_request(lambda: server)) as server:
         client = make_client(1)
         await fetch(client, get(server.url + "/first"))
-        request = outbound("POST", server.url + "/second", headers=[("a", "1")], body=b"{}")
+        request = outbound(method, server.url + "/second", headers=headers, body=b"{}")
         response, body = await fetch(client, request)
     assert (response.status, body) == (200, b"ok")
     first, second = server.connections
     assert len(first.requests) == 2
     assert second.requests == [first.requests[1]]  # the very same bytes, body included
+
+
+async def test_a_post_lost_by_a_reused_connection_is_not_sent_twice(
+    make_client: MakeClient,
+) -> None:
+    """The upstream may have read it: a second POST is a second generation (RFC 9110 §9.2.2)."""
+    async with RawServer(_drops_the_second_request(lambda: server)) as server:
+        client = make_client(1)
+        await fetch(client, get(server.url + "/first"))
+        with pytest.raises(UpstreamProtocolError):
+            await client.send(outbound("POST", server.url + "/second", body=b"{}"))
+    assert len(server.connections) == 1
 
 
 async def test_a_new_connection_closed_before_the_response_is_a_protocol_error_without_retry(
@@ -1076,3 +1102,43 @@ async def test_a_responses_headers_stay_its_own_after_its_connection_is_reused(
     assert len(server.connections) == 1
     assert (b"x-name", b"second") in second.raw_headers
     assert (b"x-name", b"first") in first.raw_headers
+
+
+async def test_bytes_after_the_end_of_a_response_are_not_its_body(
+    make_client: MakeClient,
+) -> None:
+    """A response's framing says where it ends; a second message in the same read is a
+    protocol fault of the upstream, never more body, and the connection is not reused."""
+
+    async def overruns(connection: RawConnection) -> None:
+        await connection.read_request()
+        connection.write(OK + b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!")
+        await answer_each(connection)
+
+    async with RawServer(overruns) as server:
+        client = make_client(1)
+        _, body = await fetch(client, get(server.url + "/"))
+        assert body == b"ok"
+        _, again = await fetch(client, get(server.url + "/"))
+        assert again == b"ok"
+    assert len(server.connections) == 2
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_is_a_stream_error(
+    make_client: MakeClient,
+) -> None:
+    async def resets(connection: RawConnection) -> None:
+        await connection.read_request()
+        connection.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npartial")
+        await connection.writer.drain()
+        await asyncio.sleep(0.05)
+        sock = connection.writer.get_extra_info("socket")
+        # SO_LINGER 0: close with a RST, as a crashing upstream does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.writer.transport.abort()
+
+    async with RawServer(resets) as server:
+        response = await make_client(1).send(get(server.url + "/"))
+        with pytest.raises(UpstreamStreamError):
+            await read_all(response)
+        response.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -410,3 +411,83 @@ def test_aiohttp_client_cuts_a_failed_stream(aiohttp_gateway: GatewayProcess) ->
     ):
         for _ in response.iter_raw():
             pass
+
+
+# Model rules cannot be skipped by how a body is labelled (review: a missing Content-Type).
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/json; charset=utf-8"])
+def test_model_rules_apply_whatever_the_body_is_labelled(
+    gateway: GatewayProcess, content_type: str | None
+) -> None:
+    headers = {"authorization": f"Bearer {NARROW_KEY}"}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        content=orjson.dumps(standard_chat_request("gpt-fake")),
+        headers=headers,
+    )
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "model_not_allowed"
+
+
+def test_a_form_body_is_refused_when_a_model_rule_cannot_read_it(gateway: GatewayProcess) -> None:
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        files={"model": (None, "gpt-fake")},
+        headers={"authorization": f"Bearer {NARROW_KEY}"},
+    )
+    assert response.status_code == 415
+    assert error_of(response)["code"] == "unsupported_media_type"
+
+
+def test_a_form_body_passes_when_no_model_rule_applies(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    response = httpx.post(f"{gateway.url}/v1/echo", files={"model": (None, "x")}, headers=AUTH)
+    assert response.status_code == 200
+    assert (upstream.last().header("content-type") or "").startswith("multipart/form-data")
+
+
+def test_a_model_that_is_not_a_string_is_400(gateway: GatewayProcess) -> None:
+    response = post(f"{gateway.url}/v1/chat/completions", {"model": ["gpt-fake"], "messages": []})
+    assert response.status_code == 400
+    assert (error_of(response)["code"], error_of(response)["param"]) == ("invalid_type", "model")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../../echo/x",
+        "/v1/./chat/completions",
+        "/v1//chat/completions",
+        "/v1/%2e%2e/echo",
+        "/v1/.%2E/echo",
+    ],
+)
+def test_dot_and_empty_segments_are_404_not_forwarded(
+    gateway: GatewayProcess, upstream: FakeUpstream, path: str
+) -> None:
+    upstream.clear()
+    # A raw request: HTTP clients resolve dot segments before sending.
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n"
+            "content-type: application/json\r\ncontent-length: 2\r\n"
+            "connection: close\r\n\r\n{}".encode()
+        )
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert orjson.loads(body)["error"]["code"] == "unknown_url"
+    assert upstream.requests == []
+
+
+def test_configured_upstream_headers_replace_the_clients(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    post(f"{gateway.url}/v1/echo", {}, {"x-gateway-tenant": "spoofed"})
+    assert upstream.last().header_values("x-gateway-tenant") == ["tests"]

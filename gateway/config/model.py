@@ -22,6 +22,24 @@ from pydantic import (
 )
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+# RFC 9110 §5.1 (field names are tokens) and §5.5 (values: visible latin-1 and spaces/tabs).
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FIELD_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
+
+
+def check_header(name: str, value: str) -> None:
+    """A header the gateway writes on the wire: a CR or LF here would let a config value (or an
+    environment variable, such as a secret with a trailing newline) add headers of its own."""
+    if not _TOKEN.match(name):
+        raise ValueError(f"header name {name!r} is not a valid HTTP field name")
+    if not _FIELD_VALUE.match(value):
+        # The value may be a secret: name the header, never echo the value.
+        raise ValueError(
+            f"the value of header {name!r} contains a control character (CR, LF, ...) or a "
+            "character outside latin-1; check for a trailing newline"
+        )
+
+
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
 
 
@@ -124,7 +142,9 @@ class Route(Model):
     stream_usage: bool = Field(
         False,
         description="Ask the upstream for usage on streams (stream_options.include_usage) so token "
-        "limits settle exactly; the client still receives the bytes it asked for. Default false.",
+        "limits settle exactly. This re-serialises the request body of streams that did not ask "
+        "themselves, and the client then receives the upstream's final usage chunk. Default "
+        "false.",
     )
 
     @field_validator("path")
@@ -187,6 +207,16 @@ class UpstreamAuth(Model):
         None, description="The upstream key; write ${ENV_VAR}, never the key itself."
     )
 
+    @field_validator("key")
+    @classmethod
+    def _key_on_the_wire(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _FIELD_VALUE.match(value.get_secret_value()):
+            raise ValueError(
+                "the key contains a control character (CR, LF, ...) or a character outside "
+                "latin-1; check for a trailing newline"
+            )
+        return value
+
 
 class Upstream(Model):
     base_url: str = Field(
@@ -211,9 +241,27 @@ class Upstream(Model):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", value):
-            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        if not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", value) or not value.isascii():
+            raise ValueError(
+                "must be an http:// or https:// URL in ASCII, without credentials, query or "
+                "fragment (credentials go in 'auth')"
+            )
         return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_on_the_wire(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, header in value.items():
+            check_header(name, header)
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query_ascii(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not (name + item).isprintable():
+                raise ValueError(f"query parameter {name!r} contains a control character")
+        return value
 
 
 class ModelAlias(Model):

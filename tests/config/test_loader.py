@@ -279,7 +279,8 @@ def test_invalid_value_reports_file_line_and_key_path(tmp_path: Path) -> None:
     )
     assert errors(path) == [
         f"{path}:7: upstreams.openai.base_url: "
-        "must be an http:// or https:// URL without query or fragment"
+        "must be an http:// or https:// URL in ASCII, without credentials, query or fragment "
+        "(credentials go in 'auth')"
     ]
 
 
@@ -367,7 +368,8 @@ def test_every_error_is_reported_at_once_in_line_order(tmp_path: Path) -> None:
     assert errors(path) == [
         f"{path}:2: routes[0].path: must start with '/'",
         f"{path}:4: upstreams.openai.base_url: "
-        "must be an http:// or https:// URL without query or fragment",
+        "must be an http:// or https:// URL in ASCII, without credentials, query or fragment "
+        "(credentials go in 'auth')",
         f"{path}:4: upstreams.openai.auth.style: "
         "Input should be 'bearer', 'api-key', 'x-api-key' or 'none'",
         f"{path}:5: server.port: Input should be less than or equal to 65535",
@@ -500,9 +502,9 @@ def test_malformed_reference_is_an_error(tmp_path: Path) -> None:
 
 def test_keys_are_not_expanded(tmp_path: Path) -> None:
     path = write(
-        tmp_path, "gateway.yaml", 'upstreams: {u: {base_url: "http://u", headers: {"${H}": v}}}\n'
+        tmp_path, "gateway.yaml", 'upstreams: {u: {base_url: "http://u", query: {"${H}": v}}}\n'
     )
-    assert load_config(path, {}).upstreams["u"].headers == {"${H}": "v"}
+    assert load_config(path, {}).upstreams["u"].query == {"${H}": "v"}
 
 
 def test_secrets_from_the_environment_never_appear_in_errors(tmp_path: Path) -> None:
@@ -763,3 +765,26 @@ def test_issue_and_error_formatting() -> None:
     )
     with pytest.raises(AttributeError):
         issues[0].line = 1  # type: ignore[misc]
+
+
+def test_header_values_that_would_break_the_request_line_are_refused_without_echo(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        'upstreams: {u: {base_url: "http://u", headers: {x-title: "${T}"}, auth: {key: "${K}"}}}\n',
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, {"T": "ok\r\nx-injected: yes", "K": "sk-secret-1\r\nx: y"})
+    text = str(refused.value)
+    assert "upstreams.u.headers" in text
+    assert "upstreams.u.auth.key" in text
+    assert "x-injected" not in text
+    assert "sk-secret-1" not in text
+
+
+def test_credentials_in_base_url_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "gateway.yaml", 'upstreams: {u: {base_url: "https://a:b@x/v1"}}\n')
+    with pytest.raises(ConfigError, match="without credentials"):
+        load_config(path, {})
