@@ -205,6 +205,13 @@ class Gateway:
             "degraded_decisions": stats.degraded,
             "redis_errors": stats.redis_errors,
         }
+        # Forwarded headers that were ignored: malformed values, or sent by a peer outside
+        # trusted_proxies (a spoofing attempt, or a proxy missing from the list).
+        forwarded = self.forwarded_stats
+        body["forwarded_headers_ignored"] = {
+            "malformed": dict(forwarded.malformed),
+            "untrusted_peer": forwarded.untrusted,
+        }
         return JSONResponse(body)
 
     async def _openapi(self, request: Request) -> Response:

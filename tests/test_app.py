@@ -51,3 +51,12 @@ def test_wrong_method_on_own_endpoints_is_an_openai_shaped_405(gateway: GatewayP
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["allow"] == "GET, HEAD"
+
+
+def test_ignored_forwarded_headers_are_counted_on_readyz(gateway: GatewayProcess) -> None:
+    before = httpx.get(f"{gateway.url}/readyz").json()["forwarded_headers_ignored"]
+    # From loopback (trusted by default): a garbage X-Forwarded-For is ignored, never a 500.
+    response = httpx.get(f"{gateway.url}/healthz", headers={"x-forwarded-for": "not-an-ip"})
+    assert response.status_code == 200
+    after = httpx.get(f"{gateway.url}/readyz").json()["forwarded_headers_ignored"]
+    assert sum(after["malformed"].values()) == sum(before["malformed"].values()) + 1
