@@ -57,7 +57,8 @@ class Gateway:
         root_path: str | None = None,
         config_files: tuple[str, ...] = (),
     ) -> None:
-        self.config = config
+        # The config the app starts with; after a reload the current one is the runtime's.
+        self._startup_config = config
         self.client_factory = client_factory or CLIENTS[config.server.upstream_client]
         self.forwarded_stats = ForwardedStats()
         self.access_lines = BufferedLines(sys.stderr)
@@ -137,14 +138,15 @@ class Gateway:
                 return
 
     async def startup(self) -> None:
-        self.limiter = build_limiter(self.config.redis, stats=self.limiter_stats)
-        self._runtime = build_runtime(self.config, self.client_factory, self.limiter)
+        config = self._startup_config
+        self.limiter = build_limiter(config.redis, stats=self.limiter_stats)
+        self._runtime = build_runtime(config, self.client_factory, self.limiter)
         if self._config_files:
             self.reloader = ConfigReloader(
                 self._config_files[0],
                 self._config_files,
                 self.apply,
-                interval=self.config.server.reload_interval,
+                interval=config.server.reload_interval,
             )
             self.reloader.start()
 
@@ -168,7 +170,6 @@ class Gateway:
                 logger.warning("the '%s' section changed; restart the gateway to apply it", section)
         current = build_runtime(config, self.client_factory, previous.limiter, previous)
         self._runtime = current
-        self.config = config
         retired = retired_clients(previous, current)
         if retired:
             task = asyncio.ensure_future(self._retire(retired))

@@ -126,11 +126,14 @@ class Proxy:
                     parsed = request_body.parse_json(payload)
                     if isinstance(parsed, dict):
                         document = parsed
-                        upstream, payload, model = self._resolve_model(
-                            runtime, principal, document, payload, upstream
+                        upstream, model, renamed = self._resolve_model(
+                            runtime, principal, document, upstream
                         )
-                        if route.stream_usage:
-                            payload = _ask_for_stream_usage(document, payload)
+                        asked = route.stream_usage and _ask_for_stream_usage(document)
+                        if renamed or asked:
+                            # Re-serialised once, and only when a rule changed the document;
+                            # otherwise the client's bytes go upstream untouched.
+                            payload = orjson.dumps(document)
                 elif not principal.all_models or not runtime.config.allow_unlisted_models:
                     # A model rule applies but the model of a form or binary body cannot be
                     # read: refuse rather than let the body pass unchecked.
@@ -187,18 +190,15 @@ class Proxy:
         runtime: Runtime,
         principal: Principal,
         document: dict[str, Any],
-        payload: bytes,
         route_upstream: UpstreamTarget,
-    ) -> tuple[UpstreamTarget, bytes, str | None]:
+    ) -> tuple[UpstreamTarget, str | None, bool]:
         """Apply the key's model rule and the model alias table; returns the upstream, the
-        body to send and the public model name.
-
-        The body is re-serialised only when the upstream's name for the model differs; otherwise
-        the client's bytes go upstream untouched."""
+        public model name, and whether the document's ``model`` was renamed for the upstream
+        (only when the upstream's name for it differs)."""
         model = document.get("model")
         if model is None:
             # No model: the upstream answers as it would have directly.
-            return route_upstream, payload, None
+            return route_upstream, None, False
         if not isinstance(model, str):
             raise errors.invalid_model_type()
         if not principal.may_use_model(model):
@@ -207,12 +207,12 @@ class Proxy:
         if alias is None:
             if not runtime.config.allow_unlisted_models:
                 raise errors.unknown_model(model)
-            return route_upstream, payload, model
+            return route_upstream, model, False
         upstream_model = alias.model or model
-        if upstream_model != model:
+        renamed = upstream_model != model
+        if renamed:
             document["model"] = upstream_model
-            payload = orjson.dumps(document)
-        return runtime.upstreams[alias.upstream], payload, model
+        return runtime.upstreams[alias.upstream], model, renamed
 
     @staticmethod
     def _forwarded_for(scope: Scope, upstream: UpstreamTarget) -> str | None:
@@ -245,15 +245,14 @@ class Proxy:
         try:
             try:
                 response = await upstream.client.send(outbound)
-            except UpstreamError as exc:
+            except Exception as exc:
                 unanswered = True
                 scope["gateway.upstream_error"] = type(exc).__name__
+                if not isinstance(exc, UpstreamError):
+                    # A fault in the client itself, not the upstream: still an OpenAI-shaped
+                    # 502 for the caller, with the traceback for the operator.
+                    logger.exception("upstream client failed for upstream '%s'", upstream.name)
                 await _upstream_refusal(exc, upstream.name).send(send, extra)
-            except Exception as exc:  # a fault in the client itself: still an OpenAI-shaped 502
-                unanswered = True
-                scope["gateway.upstream_error"] = type(exc).__name__
-                logger.exception("upstream client failed for upstream '%s'", upstream.name)
-                await errors.upstream_failed(upstream.name).send(send, extra)
             else:
                 if admission is not None and admission.decision.plan.buckets.has_tokens:
                     tap = _usage_tap(response.raw_headers)
@@ -329,7 +328,7 @@ class Proxy:
         return True
 
 
-def _upstream_refusal(exc: UpstreamError, upstream: str) -> errors.GatewayError:
+def _upstream_refusal(exc: Exception, upstream: str) -> errors.GatewayError:
     if isinstance(exc, UpstreamTimeout):
         return errors.upstream_timeout(upstream)
     if isinstance(exc, UpstreamConnectError):
@@ -337,20 +336,21 @@ def _upstream_refusal(exc: UpstreamError, upstream: str) -> errors.GatewayError:
     return errors.upstream_failed(upstream)
 
 
-def _ask_for_stream_usage(document: dict[str, Any], payload: bytes) -> bytes:
+def _ask_for_stream_usage(document: dict[str, Any]) -> bool:
     """Add ``stream_options.include_usage`` to a stream request that did not ask for it, so
-    token limits settle exactly. The client then receives the final usage chunk (empty
-    ``choices``) exactly as the upstream sends it, as if it had asked itself."""
+    token limits settle exactly; True if the document changed. The client then receives the
+    final usage chunk (empty ``choices``) exactly as the upstream sends it, as if it had asked
+    itself."""
     if document.get("stream") is not True:
-        return payload
+        return False
     options = document.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
-        return payload
+        return False
     document["stream_options"] = {
         **(options if isinstance(options, dict) else {}),
         "include_usage": True,
     }
-    return orjson.dumps(document)
+    return True
 
 
 def _usage_tap(raw_headers: Any) -> UsageTap:

@@ -33,24 +33,17 @@ def stop_process(process: subprocess.Popen[bytes] | None) -> None:
             process.wait()
 
 
-class GatewayProcess:
-    """``gateway serve --config <yaml>`` on a free port until the context exits."""
+class ChildProcess:
+    """A server as a child process on a free port, with a temporary directory of its own; ready
+    once ``ready_url`` answers 200. ``with`` starts it and always stops and cleans it up."""
 
-    def __init__(
-        self,
-        config_yaml: str,
-        *,
-        env: Mapping[str, str] | None = None,
-        args: tuple[str, ...] = (),
-        port: int | None = None,
-    ) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="gateway-test-")
-        self.config_path = Path(self._dir.name) / "gateway.yaml"
-        self.config_path.write_text(config_yaml)
-        self.log_path = Path(self._dir.name) / "gateway.log"
+    name = "child"
+    ready_path = "/"
+
+    def __init__(self, port: int | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix=f"{self.name}-test-")
+        self.dir = Path(self._dir.name)
         self.port = port or free_port()
-        self._env = {**os.environ, **(env or {})}
-        self._args = args
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,41 +56,39 @@ class GatewayProcess:
         return self._process.pid
 
     def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        raise NotImplementedError
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the child (its output going to a file in ``self.dir``)."""
+        raise NotImplementedError
 
     def start(self) -> Self:
-        log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *self._args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._env,
-        )
-        log.close()
+        try:
+            self._process = self.launch()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + 20
+        status = None
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"gateway exited {self._process.returncode}:\n{self.logs()}")
+                raise RuntimeError(f"{self.name} exited {self._process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=0.5).status_code == 200:
-                    return self
+                status = httpx.get(self.url + self.ready_path, timeout=1).status_code
+                if status == 200:
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"gateway did not become ready:\n{self.logs()}")
+        raise RuntimeError(
+            f"{self.name}: GET {self.ready_path} did not answer 200 (last: {status}):\n"
+            + self.logs()
+        )
 
     def stop(self) -> None:
         process, self._process = self._process, None
@@ -109,3 +100,49 @@ class GatewayProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class GatewayProcess(ChildProcess):
+    """``gateway serve --config <yaml>`` on a free port until the context exits."""
+
+    name = "gateway"
+    ready_path = "/readyz"
+
+    def __init__(
+        self,
+        config_yaml: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        port: int | None = None,
+    ) -> None:
+        super().__init__(port)
+        self.config_path = self.dir / "gateway.yaml"
+        self.config_path.write_text(config_yaml)
+        self.log_path = self.dir / "gateway.log"
+        self._env = {**os.environ, **(env or {})}
+        self._args = args
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("wb") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--config",
+                    str(self.config_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    *self._args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+            )

@@ -16,14 +16,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Self
 
-import httpx
-
-from tests.gatewayproc import free_port, stop_process
+from tests.gatewayproc import ChildProcess
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NGINX_DIR = DEPLOY / "nginx"
@@ -60,23 +55,16 @@ def traefik_binary() -> str | None:
     return shutil.which("traefik")
 
 
-class ProxyProcess:
+class ProxyProcess(ChildProcess):
     """A reverse proxy as a child process on a free port; ready once ``ready_path`` answers 200
     through it (so the route to the gateway is loaded, not only the port open)."""
 
     name = "proxy"
 
     def __init__(self, ready_path: str) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix=f"{self.name}-test-")
-        self.dir = Path(self._dir.name)
-        self.port = free_port()
+        super().__init__()
         self.ready_path = ready_path
         self.output_path = self.dir / "output.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def write_configs(self) -> None:
         """Write the proxy's config files into ``self.dir``."""
@@ -92,48 +80,12 @@ class ProxyProcess:
             parts.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
         return "\n".join(parts)
 
-    def start(self) -> Self:
-        try:
-            self.write_configs()
-            with self.output_path.open("wb") as output:
-                self._process = subprocess.Popen(
-                    self.command(), stdout=output, stderr=subprocess.STDOUT, cwd=self.dir
-                )
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + 20
-        status = None
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self._process.returncode}:\n{self.logs()}")
-            try:
-                status = httpx.get(self.url + self.ready_path, timeout=1).status_code
-                if status == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"{self.name}: GET {self.ready_path} did not answer 200 (last: {status}):\n"
-            + self.logs()
-        )
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        stop_process(process)
-        self._dir.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def launch(self) -> subprocess.Popen[bytes]:
+        self.write_configs()
+        with self.output_path.open("wb") as output:
+            return subprocess.Popen(
+                self.command(), stdout=output, stderr=subprocess.STDOUT, cwd=self.dir
+            )
 
 
 class NginxProcess(ProxyProcess):

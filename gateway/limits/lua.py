@@ -20,30 +20,48 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.limits.buckets import Bucket
 
+# How long a bucket that never refills keeps its state (rate 0 with a burst: a quota).
+NEVER_TTL_MS = 86_400_000
+
+# Shared by both scripts: Redis' clock, a bucket's level now (refilled since its time, at most
+# its capacity; a missing hash is a full bucket), and storing a level with the expiry at which
+# the bucket is full again.
+_BUCKETS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local function level(key, cap, rate)
+  local s = redis.call('HMGET', key, 'v', 't')
+  if not s[1] then return cap end
+  local elapsed = now - tonumber(s[2])
+  if elapsed < 0 then elapsed = 0 end
+  return math.min(cap, tonumber(s[1]) + elapsed * rate)
+end
+local function store(key, cap, rate, v)
+  local ttl = NEVER_TTL_MS
+  if rate > 0 then ttl = math.ceil((cap - v) / rate) end
+  redis.call('HSET', key, 'v', tostring(v), 't', string.format('%.3f', now))
+  redis.call('PEXPIRE', key, ttl)
+end
+""".replace("NEVER_TTL_MS", str(NEVER_TTL_MS))
+
 # ARGV: per bucket i (1-based): capacity, refill per ms, '1' when it counts tokens (cost
 # ARGV[last]) or '0' when it counts requests (cost 1); ARGV[#ARGV] is the request's tokens.
 # Reply: {allowed 0/1, retry after ms (-1: waiting cannot help), index of the refusing bucket
 # (0: none), then per bucket: remaining (floor, after the debit when admitted), ms until full
 # (-1: never)}.
-ADMIT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+ADMIT = (
+    _BUCKETS
+    + """
 local n = #KEYS
 local tokens = tonumber(ARGV[3 * n + 1])
-local level, cost = {}, {}
+local levels, cost = {}, {}
 local retry, limiting = 0, 0
 for i = 1, n do
   local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
   local c = 1
   if ARGV[3 * i] == '1' then c = tokens end
-  local v = cap
-  local s = redis.call('HMGET', KEYS[i], 'v', 't')
-  if s[1] then
-    local elapsed = now - tonumber(s[2])
-    if elapsed < 0 then elapsed = 0 end
-    v = math.min(cap, tonumber(s[1]) + elapsed * rate)
-  end
-  level[i], cost[i] = v, c
+  local v = level(KEYS[i], cap, rate)
+  levels[i], cost[i] = v, c
   if c > 0 and v < c then
     if c > cap or rate <= 0 then
       retry, limiting = -1, i
@@ -60,13 +78,10 @@ if limiting > 0 then
 end
 for i = 1, n do
   local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
-  local v = level[i]
+  local v = levels[i]
   if limiting == 0 and cost[i] > 0 then
     v = v - cost[i]
-    local ttl = 86400000
-    if rate > 0 then ttl = math.ceil((cap - v) / rate) end
-    redis.call('HSET', KEYS[i], 'v', tostring(v), 't', string.format('%.3f', now))
-    redis.call('PEXPIRE', KEYS[i], ttl)
+    store(KEYS[i], cap, rate, v)
   end
   out[2 + 2 * i] = math.floor(v)
   if v >= cap then
@@ -79,42 +94,31 @@ for i = 1, n do
 end
 return out
 """
+)
 
 # ARGV: per token bucket i: capacity, refill per ms; ARGV[#ARGV] is the correction in tokens:
 # positive debits more (the bucket may go negative: overuse is paid back by waiting), negative
 # refunds (never above capacity).
-SETTLE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+SETTLE = (
+    _BUCKETS
+    + """
 local n = #KEYS
 local delta = tonumber(ARGV[2 * n + 1])
 for i = 1, n do
   local cap, rate = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local v = cap
-  local s = redis.call('HMGET', KEYS[i], 'v', 't')
-  if s[1] then
-    local elapsed = now - tonumber(s[2])
-    if elapsed < 0 then elapsed = 0 end
-    v = math.min(cap, tonumber(s[1]) + elapsed * rate)
-  end
-  v = math.min(cap, v - delta)
+  local v = math.min(cap, level(KEYS[i], cap, rate) - delta)
   if v >= cap then
     redis.call('DEL', KEYS[i])
   else
-    local ttl = 86400000
-    if rate > 0 then ttl = math.ceil((cap - v) / rate) end
-    redis.call('HSET', KEYS[i], 'v', tostring(v), 't', string.format('%.3f', now))
-    redis.call('PEXPIRE', KEYS[i], ttl)
+    store(KEYS[i], cap, rate, v)
   end
 end
 return n
 """
+)
 
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()  # noqa: S324
-
-# How long a bucket that never refills keeps its state (rate 0 with a burst: a quota).
-NEVER_TTL_MS = 86_400_000
 
 
 def _rate(bucket: Bucket) -> str:

@@ -212,7 +212,7 @@ class UsageTap:
 def _event_usage(buf: bytearray, end: int) -> Usage | None:
     """Usage from the last ``data:`` line before ``end`` that mentions it, parsed whole."""
     found = None
-    for line in bytes(buf[:end]).splitlines():
+    for line in buf[:end].splitlines():
         if line.startswith(b"data:") and b'"usage"' in line:
             usage = _parse_whole(line[5:])
             if usage is not None:
