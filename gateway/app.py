@@ -30,6 +30,7 @@ from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
 from gateway.reload import ConfigReloader
 from gateway.runtime import Runtime, build_runtime, retired_clients
+from gateway.server.stats import ConnectionStats
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import ClientFactory, UpstreamClient
 
@@ -61,6 +62,9 @@ class Gateway:
         self._startup_config = config
         self.client_factory = client_factory or CLIENTS[config.server.upstream_client]
         self.forwarded_stats = ForwardedStats()
+        # Read by the connection protocol (gateway/server/protocol.py) for each connection.
+        self.connection_settings = config.server.connections
+        self.connection_stats = ConnectionStats()
         self.access_lines = BufferedLines(sys.stderr)
         self._runtime: Runtime | None = None
         self._config_files = config_files
@@ -199,13 +203,23 @@ class Gateway:
             "keys": len(runtime.keys),
         }
         if self.reloader is not None:
-            body["config"] = self.reloader.status.as_dict()
+            # Anyone may call /readyz, so counts and times only: a refused reload's text names
+            # the config files and may quote their values. It is in the log (and kept in
+            # ReloadStatus.last_error) for those who may read it.
+            status = self.reloader.status
+            body["config"] = {
+                "generation": status.generation,
+                "reload_failures": status.failures,
+                "last_reload_failed": status.last_error is not None,
+                "last_reload_at": status.last_reload_at,
+            }
         stats = self.limiter_stats
         body["limits"] = {
             "store": "redis" if runtime.config.redis.url else "local (per process)",
             "degraded_decisions": stats.degraded,
             "redis_errors": stats.redis_errors,
         }
+        body["connections"] = self.connection_stats.as_dict()
         # Forwarded headers that were ignored: malformed values, or sent by a peer outside
         # trusted_proxies (a spoofing attempt, or a proxy missing from the list).
         forwarded = self.forwarded_stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from gateway.auth import hash_key, new_key
 from gateway.config.loader import ConfigError, load_config
 from gateway.config.model import GatewayConfig
 from gateway.routing import RouteTable
+from gateway.server.protocol import GatewayProtocol
 
 
 def _logging(level: str) -> dict[str, Any]:
@@ -102,11 +104,48 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+# The key the README prints and config/gateway.yaml accepts: anyone who has read the README
+# holds it, so it must never be accepted by a gateway others can reach.
+DEMO_KEY = "sk-gw-demo"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False  # any other name (or "" = every interface) may be reachable from outside
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def demo_key_refusal(config: GatewayConfig, host: str, demo: bool) -> str | None:
+    """Why ``gateway serve`` must not serve ``config`` on ``host``, or None if it may: a config
+    accepting the published demo key is for trying the gateway on this machine only."""
+    if demo or is_loopback(host):
+        return None
+    demo_hash = hash_key(DEMO_KEY)
+    names = [key.name for key in config.keys if key.hash == demo_hash]
+    if not names:
+        return None
+    return (
+        f"refusing to listen on {host!r}: key {names[0]!r} is the published demo key "
+        f"{DEMO_KEY!r}, which anyone can use; replace its hash with one from "
+        "'gateway keys new NAME', listen on 127.0.0.1, or pass --demo to serve it anyway"
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     config = _load(args.config)
     if config is None:
+        return 1
+    refusal = demo_key_refusal(config, args.host or config.server.host, args.demo)
+    if refusal is not None:
+        print(f"{args.config}: {refusal}", file=sys.stderr)
         return 1
     os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
     if args.root_path is not None:
@@ -117,7 +156,10 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host or config.server.host,
         port=config.server.port if args.port is None else args.port,
         workers=args.workers,
-        http="httptools",
+        # uvicorn's httptools protocol with caps on heads, slow clients and connections.
+        http=GatewayProtocol,
+        # No WebSocket: the protocol answers an upgrade with an OpenAI-shaped 400.
+        ws="none",
         loop="uvloop",
         lifespan="on",
         # One place decides whom to trust (DESIGN §3): the gateway's middleware, from YAML.
@@ -128,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         date_header=False,
         access_log=False,
         log_config=_logging(args.log_level),
-        timeout_keep_alive=75,
+        timeout_keep_alive=config.server.connections.keep_alive_timeout,
         # uvicorn would otherwise wait for every open stream, however long, before exiting.
         timeout_graceful_shutdown=args.graceful_timeout,
     )
@@ -178,6 +220,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="seconds open requests get to finish at shutdown (default 25, under Kubernetes' 30)",
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"serve a config accepting the published demo key {DEMO_KEY} on a non-loopback "
+        "address (refused otherwise)",
     )
     serve.set_defaults(run=_serve)
 

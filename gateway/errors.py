@@ -199,6 +199,75 @@ def upstream_failed(upstream: str) -> GatewayError:
     )
 
 
+def malformed_request(reason: str) -> GatewayError:
+    return GatewayError(400, f"Malformed HTTP request: {reason}.", code="malformed_request")
+
+
+def websocket_not_supported() -> GatewayError:
+    return GatewayError(
+        400,
+        "WebSocket connections are not supported: the gateway relays HTTP APIs only.",
+        code="upgrade_not_supported",
+    )
+
+
+def uri_too_long(limit: int) -> GatewayError:
+    return GatewayError(
+        414, f"The request target is longer than {limit} bytes.", code="uri_too_long"
+    )
+
+
+def head_too_large(detail: str) -> GatewayError:
+    # RFC 6585 §5: 431 Request Header Fields Too Large.
+    return GatewayError(
+        431, f"Request header fields too large: {detail}.", code="request_header_too_large"
+    )
+
+
+def request_timeout(what: str) -> GatewayError:
+    return GatewayError(408, f"The {what} was not received in time.", code="request_timeout")
+
+
+def too_many_connections() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway has too many open connections; retry shortly.",
+        type="api_error",
+        code="too_many_connections",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def body_memory_exhausted() -> GatewayError:
+    return GatewayError(
+        503,
+        "The gateway is holding too many request bodies at once; retry shortly.",
+        type="api_error",
+        code="server_busy",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def too_many_concurrent(scope: str, limit: int) -> GatewayError:
+    return GatewayError(
+        429,
+        f"Too many concurrent requests for {scope}: at most {limit} at once. Wait for one to "
+        "finish.",
+        type="requests",
+        code="concurrency_limit_exceeded",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def unsafe_path() -> GatewayError:
+    return GatewayError(
+        400,
+        "Invalid URL: the path contains dot segments, empty segments, an encoded '/' or '\\', "
+        "or control characters.",
+        code="invalid_path",
+    )
+
+
 def internal_error() -> GatewayError:
     return GatewayError(
         500,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
+from tests.conftest import UPSTREAM_KEY, gateway_config
+from tests.fakeupstream import FakeUpstream
 from tests.gatewayproc import GatewayProcess
 
 
@@ -60,3 +64,32 @@ def test_ignored_forwarded_headers_are_counted_on_readyz(gateway: GatewayProcess
     assert response.status_code == 200
     after = httpx.get(f"{gateway.url}/readyz").json()["forwarded_headers_ignored"]
     assert sum(after["malformed"].values()) == sum(before["malformed"].values()) + 1
+
+
+def test_readyz_shows_reload_counts_but_no_config_path_or_error_text(
+    upstream: FakeUpstream,
+) -> None:
+    # /readyz needs no key: a refused reload's message (which quotes the bad value and names
+    # the file) goes to the log only.
+    config = gateway_config(upstream.base_url).replace(
+        "server:\n", "server:\n  reload_interval: 0.1\n", 1
+    )
+    secret_like = "sk-live-pasted-by-mistake-0123456789"
+    with GatewayProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as process:
+        process.config_path.write_text(
+            config.replace("upstream: fake", f"upstream: {secret_like}", 1)
+        )
+        deadline = time.monotonic() + 5
+        while "config reload refused" not in process.logs():
+            assert time.monotonic() < deadline, "the bad config was not refused in time"
+            time.sleep(0.05)
+        ready = httpx.get(f"{process.url}/readyz")
+        assert ready.json()["config"] == {
+            "generation": 1,
+            "reload_failures": 1,
+            "last_reload_failed": True,
+            "last_reload_at": None,
+        }
+        for hidden in (secret_like, str(process.dir), "gateway.yaml", "routes[0]"):
+            assert hidden not in ready.text
+        assert secret_like in process.logs()  # the admin still sees what was wrong

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import hash_key
-from gateway.cli import main
+from gateway.cli import demo_key_refusal, main
 from gateway.config.loader import load_config
 from gateway.config.model import GatewayConfig
+from tests.gatewayproc import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +78,77 @@ def test_serve_refuses_an_invalid_config_without_starting(tmp_path: Path) -> Non
     )
     assert result.returncode == 1
     assert "routes" in result.stderr
+
+
+def test_check_never_prints_a_secret_with_a_trailing_newline_used_in_another_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As exported by OPENAI_API_KEY=$(cat key.txt): the model strips the newline, so the
+    # stripped key is what an error about another field would quote.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-abc123secret\n")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "upstreams:\n"
+        '  openai: {base_url: "https://api.openai.com/v1", auth: {key: "${OPENAI_API_KEY}"}}\n'
+        "routes:\n"
+        '  - {name: chat, path: /v1/chat/completions, upstream: "${OPENAI_API_KEY}"}\n'
+    )
+    assert main(["check", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert "sk-abc123secret" not in captured.out + captured.err
+    assert f"{config}:4: routes[0].upstream: unknown upstream '${{OPENAI_API_KEY}}'" in captured.err
+
+
+def example_config() -> GatewayConfig:
+    return load_config(ROOT / "config/gateway.yaml", env={})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "gateway.internal"])
+def test_demo_key_is_refused_on_an_address_others_can_reach(host: str) -> None:
+    refusal = demo_key_refusal(example_config(), host, demo=False)
+    assert refusal is not None
+    assert "'demo' is the published demo key 'sk-gw-demo'" in refusal
+    assert "gateway keys new NAME" in refusal
+    assert "--demo" in refusal
+    assert "\n" not in refusal
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost"])
+def test_demo_key_is_allowed_on_loopback_addresses(host: str) -> None:
+    assert demo_key_refusal(example_config(), host, demo=False) is None
+
+
+def test_demo_flag_serves_the_demo_key_on_any_address() -> None:
+    assert demo_key_refusal(example_config(), "0.0.0.0", demo=True) is None
+
+
+def test_a_config_without_the_demo_key_may_listen_anywhere() -> None:
+    config = example_config()
+    real = config.keys[0].model_copy(update={"hash": hash_key("sk-gw-someone-else")})
+    assert demo_key_refusal(config.model_copy(update={"keys": (real,)}), "0.0.0.0", False) is None
+
+
+def serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_serve_refuses_the_demo_key_on_a_public_host_flag_in_one_line_without_starting() -> None:
+    config = str(ROOT / "config/gateway.yaml")
+    result = serve("--config", config, "--host", "0.0.0.0")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"{config}: refusing to listen on '0.0.0.0': key 'demo'")
+
+
+def test_serve_refuses_the_demo_key_on_a_public_server_host(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    text = (ROOT / "config/gateway.yaml").read_text()
+    config.write_text(text.replace("host: 127.0.0.1", "host: 0.0.0.0", 1))
+    result = serve("--config", str(config))
+    assert result.returncode == 1
+    assert "refusing to listen on '0.0.0.0'" in result.stderr

@@ -18,7 +18,8 @@ The steps, each reporting all it finds before the next runs:
 Upstream keys come from the environment, so no message ever carries an expanded value: pydantic's
 ``input`` is never printed, and, as a second line of defence, text taken from the environment is
 replaced by its ``${NAME}`` wherever a message would show it (values of 8 characters or more, and
-of 3 or more under an upstream's ``auth``, ``headers`` and ``query``).
+of 3 or more under an upstream's ``auth``, ``headers`` and ``query``), both as written and
+without surrounding whitespace, the form the model keeps.
 """
 
 from __future__ import annotations
@@ -343,8 +344,14 @@ class _Builder:
                 problems.append(f"environment variable {name} is not set")
                 return ""
             secret = path[:1] == ("upstreams",) and path[2:3] in _SECRET_SECTIONS
-            if len(value) >= (_REDACT_SECRETS_FROM if secret else _REDACT_FROM):
-                self.session.secrets[value] = name
+            shortest = _REDACT_SECRETS_FROM if secret else _REDACT_FROM
+            # The model strips whitespace from every string, secrets included, so a value
+            # exported with a trailing newline is used, and shown in messages, without it.
+            # Python's strip removes at least what pydantic's does, so its result is inside
+            # whatever the model keeps.
+            for form in (value, value.strip()):
+                if len(form) >= shortest:
+                    self.session.secrets[form] = name
             return value
 
         expanded = _REFERENCE.sub(substitute, text)

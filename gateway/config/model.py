@@ -41,6 +41,7 @@ def check_header(name: str, value: str) -> None:
 
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}$")
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class Model(BaseModel):
@@ -279,12 +280,18 @@ class Limits(Model):
     tokens_per_minute: int | None = Field(None, ge=0)
     request_burst: int | None = Field(None, ge=1, description="Default: requests_per_minute.")
     token_burst: int | None = Field(None, ge=1, description="Default: tokens_per_minute.")
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Requests (open streams included) at once, per gateway process; 429 "
+        "beyond. Applies to keys and teams. Default unlimited.",
+    )
 
 
 class ApiKey(Model):
     name: Name = Field(description="Unique key name, shown in logs instead of the key.")
     hash: str = Field(
-        pattern=r"^sha256:[0-9a-f]{64}$",
+        pattern=_KEY_HASH.pattern,
         description="sha256:<hex> of the key; 'gateway keys new NAME' prints one.",
     )
     team: Name | None = None
@@ -293,6 +300,20 @@ class ApiKey(Model):
         ("*",), description="Public model names allowed; shell-style patterns. Default all."
     )
     limits: Limits | None = Field(None, description="This key's limits. Default: limits.default.")
+
+    @field_validator("hash", mode="before")
+    @classmethod
+    def _hash_says_how_to_make_one(cls, value: object) -> object:
+        # Runs before the pattern (kept for the JSON Schema) so that a placeholder, such as the
+        # one the deploy files ship, is refused with what to do instead of a regex. The value
+        # is never echoed: an admin may have pasted the key itself here.
+        if isinstance(value, str) and not _KEY_HASH.match(value.strip()):
+            raise ValueError(
+                "must be the key's hash, 'sha256:' and 64 lowercase hex digits: run "
+                "'gateway keys new NAME' and paste the hash it prints (for an existing key: "
+                'echo "$KEY" | gateway keys hash)'
+            )
+        return value
 
 
 class LimitsSection(Model):
@@ -331,6 +352,65 @@ def _loopback() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
+class ConnectionSettings(Model):
+    """How much a client may send, how slowly, and how many connections one process holds.
+
+    Over a size cap the client gets 431 (414 for the request line) in OpenAI's error shape and
+    the connection is closed; a head or body that stalls gets 408. The defaults are in the range
+    real servers use (Nginx: 8 KiB lines, 60 s header and body timeouts; Apache
+    ``mod_reqtimeout``: a body deadline extended by its minimum rate)."""
+
+    max_open: int = Field(
+        10_000,
+        ge=1,
+        description="Open client connections per process; beyond it a new connection gets 503 "
+        "and is closed at once. Keep it under the process's file limit (ulimit -n), which "
+        "upstream connections share. Default 10000.",
+    )
+    max_request_line_bytes: int = Field(
+        8192,
+        ge=64,
+        description="Longest request target (path and query): 414 beyond. Default 8 KiB.",
+    )
+    max_header_line_bytes: int = Field(
+        8192,
+        ge=64,
+        description="Longest header field (name and value): 431 beyond. Default 8 KiB.",
+    )
+    max_head_bytes: int = Field(
+        65_536,
+        ge=256,
+        description="Largest request head (request line and all header fields): 431 beyond. "
+        "Default 64 KiB.",
+    )
+    max_header_fields: int = Field(
+        100, ge=1, description="Most header fields in one request: 431 beyond. Default 100."
+    )
+    header_timeout: PositiveSeconds = Field(
+        10.0,
+        description="Seconds to receive a whole request head, from the connection's start or "
+        "from the head's first byte on a kept-alive connection: 408 beyond. Default 10.",
+    )
+    keep_alive_timeout: int = Field(
+        75,
+        ge=1,
+        description="Seconds an idle kept-alive connection stays open between requests. Longer "
+        "than the proxies in front keep theirs (Nginx 60 s), so the gateway is never the one to "
+        "close a connection a proxy is about to reuse. Default 75.",
+    )
+    body_idle_timeout: PositiveSeconds = Field(
+        30.0, description="Longest silence inside a request body: 408 beyond. Default 30."
+    )
+    body_timeout: PositiveSeconds = Field(
+        60.0,
+        description="Seconds a request body may take, extended by one second for every "
+        "'body_min_rate' bytes received: a body slower than that rate gets 408. Default 60.",
+    )
+    body_min_rate: int = Field(
+        1024, ge=1, description="Bytes per second that extend 'body_timeout'. Default 1024."
+    )
+
+
 class ServerSettings(Model):
     host: str = Field("127.0.0.1", description="Listen address. Default 127.0.0.1.")
     port: int = Field(8080, ge=0, le=65535, description="Listen port. Default 8080.")
@@ -344,6 +424,23 @@ class ServerSettings(Model):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest request body. Default 32 MiB."
     )
+    max_buffered_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="Request body bytes held in memory across all requests of a process at "
+        "once. A body that does not fit waits for room ('body_buffer_wait'), then gets 503. "
+        "Default 256 MiB.",
+    )
+    body_buffer_wait: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a body waits for room under 'max_buffered_body_bytes' before the "
+        "request gets 503. Default 10.",
+    )
+    connections: ConnectionSettings = Field(
+        default_factory=lambda: ConnectionSettings(),
+        description="Caps on request heads, slow clients and open connections.",
+    )
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
     upstream_client: Literal["http1", "aiohttp"] = Field(
         "http1",
@@ -356,6 +453,15 @@ class ServerSettings(Model):
         description="Seconds between checks of the config files for changes (0: only SIGHUP). "
         "Changes to 'server' itself need a restart. Default 2.",
     )
+
+    @model_validator(mode="after")
+    def _largest_body_fits(self) -> ServerSettings:
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                "'max_buffered_body_bytes' must be at least 'max_body_bytes', or the largest "
+                "allowed body could never be read"
+            )
+        return self
 
     @field_validator("root_path")
     @classmethod

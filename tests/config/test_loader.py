@@ -551,6 +551,57 @@ def test_secret_in_a_duplicate_route_path_is_replaced_by_its_variable(tmp_path: 
     ]
 
 
+# A secret exported with a trailing newline (``$(cat key.txt)``, ``$'...\n'``): the model strips
+# it, so the stripped value is the one used and the one a message would show.
+NEWLINE_SECRET = "sk-abc123secret"
+MISUSED_SECRET = """\
+upstreams:
+  openai:
+    base_url: https://api.openai.com/v1
+    auth: {key: "${OPENAI_API_KEY}"}
+routes:
+  - {name: chat, path: /v1/chat/completions, upstream: "${OPENAI_API_KEY}"}
+"""
+
+
+def test_secret_with_trailing_newline_is_redacted_in_other_fields() -> None:
+    found = text_errors(MISUSED_SECRET, {"OPENAI_API_KEY": NEWLINE_SECRET + "\n"})
+    assert found == [
+        "gw.yaml:6: routes[0].upstream: unknown upstream '${OPENAI_API_KEY}'; defined: openai"
+    ]
+
+
+def test_secret_with_surrounding_whitespace_is_redacted_when_loaded_from_a_file(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "gateway.yaml", MISUSED_SECRET)
+    report = "\n".join(errors(path, {"OPENAI_API_KEY": f"  {NEWLINE_SECRET}\r\n"}))
+    assert NEWLINE_SECRET not in report
+    assert "'${OPENAI_API_KEY}'" in report
+
+
+def test_upstream_key_is_used_stripped_so_the_stripped_key_is_what_is_redacted() -> None:
+    valid = MISUSED_SECRET.replace('upstream: "${OPENAI_API_KEY}"', "upstream: openai")
+    config = parse_config_text(valid, env={"OPENAI_API_KEY": NEWLINE_SECRET + "\n"})
+    key = config.upstreams["openai"].auth.key
+    assert key is not None
+    assert key.get_secret_value() == NEWLINE_SECRET
+    # Under auth the shorter minimum applies to the stripped value too.
+    found = text_errors(MISUSED_SECRET, {"OPENAI_API_KEY": "k9z\n"})
+    assert "'k9z'" not in "\n".join(found)
+
+
+def test_minimum_length_applies_to_the_value_as_used_not_its_whitespace() -> None:
+    # "nowhere" is 7 characters: padded to 8 by a newline it is still too short to be a
+    # secret, and redacting it would hide an ordinary word from the message.
+    text = """\
+        upstreams: {u: {base_url: "http://u"}}
+        routes: [{name: a, path: /a, upstream: "${UP}"}]
+        """
+    found = text_errors(text, {"UP": "nowhere\n"})
+    assert found == ["gw.yaml:2: routes[0].upstream: unknown upstream 'nowhere'; defined: u"]
+
+
 # --- includes --------------------------------------------------------------------------------
 
 

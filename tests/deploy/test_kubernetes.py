@@ -8,9 +8,11 @@ from typing import Any
 import yaml
 
 from gateway.app import OWN_PATHS
+from gateway.auth import hash_key, new_key
 from gateway.config.loader import parse_config_text
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PLACEHOLDER = "REPLACE_WITH_OUTPUT_OF_gateway_keys_new"
 
 
 def documents() -> dict[str, Any]:
@@ -18,10 +20,16 @@ def documents() -> dict[str, Any]:
     return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
 
 
-def test_configmap_holds_a_valid_gateway_config() -> None:
+def fill_in_a_key(text: str) -> str:
+    """What the admin does before deploying: paste the hash 'gateway keys new NAME' printed."""
+    assert text.count(PLACEHOLDER) == 1
+    return text.replace(PLACEHOLDER, hash_key(new_key()))
+
+
+def test_configmap_holds_a_valid_gateway_config_once_a_key_is_filled_in() -> None:
     embedded = documents()["ConfigMap"]["data"]["gateway.yaml"]
     env = {"REDIS_URL": "redis://redis:6379/0", "OPENAI_API_KEY": "sk-test"}
-    config = parse_config_text(embedded, "configmap:gateway.yaml", env)
+    config = parse_config_text(fill_in_a_key(embedded), "configmap:gateway.yaml", env)
     assert config.redis.url == "redis://redis:6379/0"
     assert config.server.port == 8080
 
