@@ -21,11 +21,13 @@ from starlette.routing import Route, Router
 from gateway import errors
 from gateway.access_log import AccessLog, BufferedLines
 from gateway.aiohttp_client import AiohttpClient
+from gateway.body import BodyBudget
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
 from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.http1_client import Http1Client
 from gateway.limits import Limiter, LimiterStats, build_limiter
+from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
 from gateway.reload import ConfigReloader
@@ -72,7 +74,11 @@ class Gateway:
         self._retiring: set[asyncio.Task[None]] = set()
         self.limiter_stats = LimiterStats()
         self.limiter: Limiter | None = None
-        self._proxy = Proxy(self.runtime)
+        self.concurrency = ConcurrencyLimiter()
+        self.body_budget = BodyBudget(
+            config.server.max_buffered_body_bytes, config.server.body_buffer_wait
+        )
+        self._proxy = Proxy(self.runtime, self.concurrency, self.body_budget)
         self._own = Router(
             routes=[
                 Route("/healthz", self._healthz, methods=["GET", "HEAD"]),
@@ -198,6 +204,8 @@ class Gateway:
             return JSONResponse({"status": "starting"}, status_code=503)
         body: dict[str, object] = {
             "status": "ready",
+            # Which process answered: with --workers N each has its own config generation.
+            "pid": os.getpid(),
             "routes": len(runtime.routes.endpoints),
             "upstreams": len(runtime.upstreams),
             "keys": len(runtime.keys),
@@ -220,6 +228,11 @@ class Gateway:
             "redis_errors": stats.redis_errors,
         }
         body["connections"] = self.connection_stats.as_dict()
+        bodies = self.body_budget
+        body["request_bodies"] = {
+            "held_bytes": bodies.capacity - bodies.available,
+            "capacity_bytes": bodies.capacity,
+        }
         # Forwarded headers that were ignored: malformed values, or sent by a peer outside
         # trusted_proxies (a spoofing attempt, or a proxy missing from the list).
         forwarded = self.forwarded_stats

@@ -3,6 +3,12 @@
 The order matters: hop-by-hop headers (the fixed list plus every name the ``Connection`` header
 lists) are stripped first and the gateway's own headers are added afterwards, so a client's
 ``Connection: x-forwarded-for`` cannot delete a header the gateway sets.
+
+Two rules keep the upstream's credentials from its clients: every relayed response header value
+has the upstream's configured secrets masked (an upstream may quote the ``Authorization`` it
+received, in ``WWW-Authenticate`` for instance), and the upstream is asked only for content
+codings the gateway can inflate, so that it can read a copy of any body it relays (error bodies
+to mask, usage to count).
 """
 
 from __future__ import annotations
@@ -50,6 +56,42 @@ _NOT_UPSTREAM = HOP_BY_HOP | {
 # The server frames the response it sends (chunked or not); the upstream's framing is its own.
 _NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
 
+# The content codings zlib inflates (RFC 9110 §8.4.1: x-gzip is gzip); the upstream is offered
+# no others, whatever the client accepts.
+_INSPECTABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"identity"})
+# What clients send most (httpx and so the openai SDK: "gzip, deflate"), known to need no
+# narrowing: one set lookup instead of parsing the list on every request.
+_INSPECTABLE_AS_SENT = frozenset(
+    {b"gzip, deflate", b"gzip,deflate", b"deflate, gzip", b"gzip", b"deflate", b"identity"}
+)
+
+# What replaces a secret: fixed, so that neither its length nor any part of it shows.
+MASK = b"***"
+
+
+def mask_secrets(data: bytes, secrets: Sequence[bytes]) -> bytes:
+    """``data`` with every occurrence of each secret replaced by ``MASK``; ``data`` itself (the
+    same object) when none occurs. ``secrets`` longest first, so a secret containing another is
+    masked whole."""
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, MASK)
+    return data
+
+
+def inspectable_accept_encoding(value: bytes) -> bytes:
+    """The client's ``Accept-Encoding`` (RFC 9110 §12.5.3) narrowed to the codings the gateway
+    can inflate, each element (q-value included) as the client wrote it; ``identity`` when none
+    remain. ``*`` is dropped too: it would let the upstream choose br or zstd."""
+    if value in _INSPECTABLE_AS_SENT:
+        return value
+    kept = [
+        element.strip()
+        for element in value.split(b",")
+        if element.split(b";", 1)[0].strip().lower() in _INSPECTABLE_CODINGS
+    ]
+    return b", ".join(kept) if kept else b"identity"
+
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
@@ -67,20 +109,27 @@ def upstream_request_headers(
 ) -> list[tuple[str, str]]:
     """Headers for the outbound request: the client's end-to-end headers, then ours.
 
-    ``Accept-Encoding`` passes through as the client sent it and becomes ``identity`` when it
-    sent none, so the HTTP client adds no gzip of its own and the relay never has to decode.
+    ``Accept-Encoding`` is the client's, narrowed to the codings the gateway can inflate
+    (``gzip``, ``x-gzip``, ``deflate``, ``identity``, with their q-values), and ``identity``
+    when none remain or the client sent none. The response's bytes still reach the client as
+    the upstream encoded them; the gateway only reads a copy, and the HTTP client adds no
+    gzip of its own.
     """
     # ``replaced``: the names the gateway sets itself for this upstream (its static headers),
     # which a client's own value must not shadow or duplicate.
     dropped = _NOT_UPSTREAM | _connection_tokens(inbound) | replaced
     out: list[tuple[str, str]] = []
-    accept_encoding = "identity"
+    accept_encoding: bytes | None = None
     for name, value in inbound:
         if name == b"accept-encoding":
-            accept_encoding = value.decode("latin-1")
+            # A list header may come in several lines (RFC 9110 §5.3): they are one list.
+            accept_encoding = value if accept_encoding is None else accept_encoding + b"," + value
         elif name not in dropped:
             out.append((name.decode("latin-1"), value.decode("latin-1")))
-    out.append(("accept-encoding", accept_encoding))
+    offered = (
+        b"identity" if accept_encoding is None else inspectable_accept_encoding(accept_encoding)
+    )
+    out.append(("accept-encoding", offered.decode("latin-1")))
     if forwarded_for is not None:
         out.append(("x-forwarded-for", forwarded_for))
     out.extend(added)
@@ -91,11 +140,13 @@ def downstream_response_headers(
     upstream: Iterable[tuple[bytes, bytes]],
     added: Sequence[tuple[bytes, bytes]],
     drop: frozenset[bytes] = frozenset(),
+    secrets: Sequence[bytes] = (),
 ) -> tuple[RawHeaders, bool]:
     """Headers for the client, and whether the body is an event stream.
 
     Names are lower-cased as ASGI requires; values pass unchanged, ``Content-Encoding``
-    included: the relay forwards the bytes as the upstream encoded them.
+    included (the relay forwards the bytes as the upstream encoded them), except that every
+    occurrence of one of the upstream's ``secrets`` is masked, whatever the status.
     """
     upstream = list(upstream)
     dropped = _NOT_DOWNSTREAM | _connection_tokens(upstream) | drop
@@ -111,6 +162,14 @@ def downstream_response_headers(
         elif name == b"cache-control":
             has_cache_control = True
         out.append((name, value))
+    if secrets:
+        # The common path costs one join and one substring search per secret (about 1 µs for
+        # 20 headers); only an upstream that quotes a credential pays for masking.
+        values = b"\n".join([value for _, value in out])
+        for secret in secrets:
+            if secret in values:
+                out = [(name, mask_secrets(value, secrets)) for name, value in out]
+                break
     if event_stream:
         # Nginx buffers proxied responses unless told otherwise; an SSE stream must not wait.
         out.append((b"x-accel-buffering", b"no"))

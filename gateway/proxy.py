@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,12 @@ import orjson
 from gateway import body as request_body
 from gateway import errors
 from gateway.auth import Principal
-from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.headers import downstream_response_headers, mask_secrets, upstream_request_headers
 from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
-from gateway.routing import Match, MethodMismatch, is_unsafe, relative_raw_path
+from gateway.limits.concurrency import ConcurrencyLimiter, Slot
+from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
 from gateway.runtime import Runtime, UpstreamTarget
-from gateway.types import RawHeaders, Receive, Scope, Send
+from gateway.types import Body, RawHeaders, Receive, Scope, Send
 from gateway.upstream import (
     OutboundRequest,
     UpstreamConnectError,
@@ -89,8 +91,16 @@ async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
 class Proxy:
     """The ASGI app that serves every route of the current snapshot."""
 
-    def __init__(self, runtime: Callable[[], Runtime]) -> None:
+    def __init__(
+        self,
+        runtime: Callable[[], Runtime],
+        concurrency: ConcurrencyLimiter,
+        bodies: request_body.BodyBudget,
+    ) -> None:
         self._runtime = runtime
+        # Both outlive config snapshots: what is in flight stays counted across a reload.
+        self._concurrency = concurrency
+        self._bodies = bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self._runtime()  # one snapshot for the whole request
@@ -98,81 +108,106 @@ class Proxy:
         method: str = scope["method"]
         root_path: str = scope.get("root_path", "")
         path = relative_raw_path(scope.get("raw_path"), scope["path"], root_path)
-        extra: RawHeaders = []
+        lease = self._bodies.lease()
+        slot: Slot | None = None
         try:
-            match = None if is_unsafe(path) else runtime.routes.match(method, path)
-            if match is None:
-                raise errors.unknown_route(method, path)
-            if isinstance(match, MethodMismatch):
-                raise errors.method_not_allowed(method, path, match.allowed)
-            extra = self._endpoint_headers(match, root_path)
-            route = match.endpoint.route
-            scope["gateway.route"] = route.name
+            extra: RawHeaders = []
+            try:
+                # Judged by what the path means once decoded; what is forwarded is exactly the raw
+                # path that was matched.
+                verdict = judge_path(path)
+                if verdict is PathVerdict.UNSAFE:
+                    raise errors.unsafe_path()
+                match = runtime.routes.match(method, path)
+                if match is None:
+                    raise errors.unknown_route(method, path)
+                if isinstance(match, MethodMismatch):
+                    raise errors.method_not_allowed(method, path, match.allowed)
+                if verdict is PathVerdict.ENCODED_SLASH and not match.encoded_slashes_confined(
+                    path
+                ):
+                    raise errors.unsafe_path()
+                extra = self._endpoint_headers(match, root_path)
+                route = match.endpoint.route
+                scope["gateway.route"] = route.name
 
-            principal = runtime.keys.authenticate(headers)
-            scope["gateway.key"] = principal.name
-            if not principal.may_use_route(route.name):
-                raise errors.route_not_allowed(route.name)
+                principal = runtime.keys.authenticate(headers)
+                scope["gateway.key"] = principal.name
+                if not principal.may_use_route(route.name):
+                    raise errors.route_not_allowed(route.name)
 
-            payload = await request_body.read_body(
-                receive, headers, runtime.config.server.max_body_bytes
-            )
-            upstream = runtime.upstreams[route.upstream]
-            document: dict[str, Any] | None = None
-            model: str | None = None
-            if route.model_in_body and method in _BODY_METHODS and payload:
-                media = request_body.media_type(headers)
-                if request_body.may_be_json(media):
-                    parsed = request_body.parse_json(payload)
-                    if isinstance(parsed, dict):
-                        document = parsed
-                        upstream, model, renamed = self._resolve_model(
-                            runtime, principal, document, upstream
+                caps = runtime.concurrency.get(principal.name)
+                if caps is not None:
+                    # Held until the response's last byte: an open stream keeps its slot.
+                    slot = self._concurrency.acquire(principal.name, caps)
+
+                payload = await request_body.read_body(
+                    receive, headers, runtime.config.server.max_body_bytes, lease
+                )
+                upstream = runtime.upstreams[route.upstream]
+                document: dict[str, Any] | None = None
+                model: str | None = None
+                if route.model_in_body and method in _BODY_METHODS and payload:
+                    media = request_body.media_type(headers)
+                    if request_body.may_be_json(media):
+                        parsed = request_body.parse_json(payload)
+                        if isinstance(parsed, dict):
+                            document = parsed
+                            upstream, model, renamed = self._resolve_model(
+                                runtime, principal, document, upstream
+                            )
+                            asked = route.stream_usage and _ask_for_stream_usage(document)
+                            if renamed or asked:
+                                # Re-serialised once, and only when a rule changed the document;
+                                # otherwise the client's bytes go upstream untouched.
+                                payload = orjson.dumps(document)
+                    elif not principal.all_models or not runtime.config.allow_unlisted_models:
+                        # A model rule applies but the model of a form or binary body cannot be
+                        # read: refuse rather than let the body pass unchecked.
+                        raise errors.unsupported_media(media.decode("latin-1"), route.name)
+                scope["gateway.upstream"] = upstream.name
+
+                # Limits come last among the checks: a request refused for any other reason
+                # costs its key nothing. Nothing reaches the upstream for a refused request.
+                admission: _Admission | None = None
+                plan = runtime.planner.charges(
+                    key=principal.config, route=route.name, model=model, tokens=0
+                )
+                if plan.buckets.buckets:
+                    if plan.buckets.has_tokens:
+                        plan = Plan(
+                            plan.key_name, plan.buckets, _reserve(runtime, document, payload)
                         )
-                        asked = route.stream_usage and _ask_for_stream_usage(document)
-                        if renamed or asked:
-                            # Re-serialised once, and only when a rule changed the document;
-                            # otherwise the client's bytes go upstream untouched.
-                            payload = orjson.dumps(document)
-                elif not principal.all_models or not runtime.config.allow_unlisted_models:
-                    # A model rule applies but the model of a form or binary body cannot be
-                    # read: refuse rather than let the body pass unchecked.
-                    raise errors.unsupported_media(media.decode("latin-1"), route.name)
-            scope["gateway.upstream"] = upstream.name
+                    decision = await runtime.limiter.admit(plan)
+                    if not decision.allowed:
+                        raise decision.error()
+                    extra = [*extra, *decision.headers()]
+                    admission = _Admission(runtime.limiter, decision)
 
-            # Limits come last among the checks: a request refused for any other reason
-            # costs its key nothing. Nothing reaches the upstream for a refused request.
-            admission: _Admission | None = None
-            plan = runtime.planner.charges(
-                key=principal.config, route=route.name, model=model, tokens=0
-            )
-            if plan.buckets.buckets:
-                if plan.buckets.has_tokens:
-                    plan = Plan(plan.key_name, plan.buckets, _reserve(runtime, document, payload))
-                decision = await runtime.limiter.admit(plan)
-                if not decision.allowed:
-                    raise decision.error()
-                extra = [*extra, *decision.headers()]
-                admission = _Admission(runtime.limiter, decision)
-
-            outbound = OutboundRequest(
-                method=method,
-                url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
-                headers=upstream_request_headers(
-                    headers,
-                    upstream.added_headers,
-                    self._forwarded_for(scope, upstream),
-                    replaced=upstream.added_names,
-                ),
-                body=payload,
-                timeouts=runtime.timeouts(route.name, upstream),
-            )
-        except errors.GatewayError as refusal:
-            await refusal.send(send, extra)
-            return
-        except request_body.ClientDisconnected:
-            return
-        await self._exchange(scope, receive, send, upstream, outbound, extra, admission)
+                outbound = OutboundRequest(
+                    method=method,
+                    url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
+                    headers=upstream_request_headers(
+                        headers,
+                        upstream.added_headers,
+                        self._forwarded_for(scope, upstream),
+                        replaced=upstream.added_names,
+                    ),
+                    body=payload,
+                    timeouts=runtime.timeouts(route.name, upstream),
+                )
+            except errors.GatewayError as refusal:
+                await refusal.send(send, extra)
+                return
+            except request_body.ClientDisconnected:
+                return
+            await self._exchange(scope, receive, send, upstream, outbound, extra, admission)
+        finally:
+            # The body's bytes go back to the budget and the key's slot is freed however the
+            # request ended: refused, cut, cancelled or complete.
+            lease.release()
+            if slot is not None:
+                slot.release()
 
     @staticmethod
     def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
@@ -257,7 +292,13 @@ class Proxy:
                 if admission is not None and admission.decision.plan.buckets.has_tokens:
                     tap = _usage_tap(response.raw_headers)
                 complete = await self._relay(
-                    scope, send, response, extra, tap, strip_ratelimit=admission is not None
+                    scope,
+                    send,
+                    response,
+                    extra,
+                    tap,
+                    strip_ratelimit=admission is not None,
+                    secrets=upstream.secrets,
                 )
         except asyncio.CancelledError:
             if not exchange.client_gone:
@@ -292,31 +333,51 @@ class Proxy:
         tap: UsageTap | None,
         *,
         strip_ratelimit: bool,
+        secrets: Sequence[bytes] = (),
     ) -> bool:
         """Forward the head, then each raw chunk the moment it arrives. True if it completed.
 
-        The usage tap reads the same chunk objects; it never changes or delays them."""
-        headers, _ = downstream_response_headers(
+        The usage tap reads the same chunk objects; it never changes or delays them. One
+        exception to "the moment it arrives": when the upstream has ``secrets``, the body of a
+        non-streamed error is held first (up to ``ERROR_BODY_BYTES``) so that a credential it
+        quotes can be masked before anything is sent (``_masked_error_body``)."""
+        headers, event_stream = downstream_response_headers(
             response.raw_headers,
             extra,
             # The upstream's x-ratelimit-* describe the gateway's own upstream key; the
             # caller's limits replace them.
             drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
+            secrets=secrets,
         )
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        status = response.status
         read = response.read_chunk
         sent = 0
-        while True:
+        held: Sequence[bytes] = ()
+        complete = False
+        if secrets and status >= 400 and not event_stream:
+            try:
+                held, complete = await _hold_error_body(read, tap)
+            except UpstreamStreamError as exc:
+                # Cut before it could be inspected: the head, none of the body, a cut stream.
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                return _cut(scope, exc, sent)
+            masked = _masked_error_body(held, headers, secrets) if complete else None
+            if masked is not None:
+                headers, held = masked
+                logger.warning(
+                    "upstream '%s' quoted its credentials in a %d response; masked",
+                    scope.get("gateway.upstream"),
+                    status,
+                )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for chunk in held:
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        while not complete:
             try:
                 chunk = await read()
             except UpstreamStreamError as exc:
-                # After the head the status cannot change. Returning without the final message
-                # makes the server drop the connection: the client sees a cut stream, never a
-                # clean end (DESIGN §3).
-                scope["gateway.upstream_error"] = str(exc)
-                scope["gateway.bytes"] = sent
-                logger.warning("upstream failed mid-response after %d bytes: %s", sent, exc)
-                return False
+                return _cut(scope, exc, sent)
             if not chunk:
                 break
             sent += len(chunk)
@@ -326,6 +387,103 @@ class Proxy:
         scope["gateway.bytes"] = sent
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
+
+
+def _cut(scope: Scope, exc: UpstreamStreamError, sent: int) -> bool:
+    """The upstream failed after the head: returns False, the relay did not complete.
+
+    The status cannot change any more. Returning without the final message makes the server
+    drop the connection: the client sees a cut stream, never a clean end."""
+    scope["gateway.upstream_error"] = str(exc)
+    scope["gateway.bytes"] = sent
+    logger.warning("upstream failed mid-response after %d bytes: %s", sent, exc)
+    return False
+
+
+# The most of a non-streamed error body held to mask the upstream's secrets in it, before and
+# after inflating: an error is a few hundred bytes. A larger body is relayed as it comes,
+# unmasked (README: "What the gateway guarantees about upstream secrets").
+ERROR_BODY_BYTES = 1024 * 1024
+_INFLATABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
+_GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS  # zlib detects either header
+_INFLATE_INPUT_STEP = 64 * 1024
+
+
+async def _hold_error_body(
+    read: Callable[[], Awaitable[bytes]], tap: UsageTap | None
+) -> tuple[list[bytes], bool]:
+    """The chunks of an error body up to ``ERROR_BODY_BYTES`` (the one crossing it included),
+    and whether they are the whole body. The usage tap reads them as they arrive."""
+    held: list[bytes] = []
+    size = 0
+    while size <= ERROR_BODY_BYTES:
+        chunk = await read()
+        if not chunk:
+            return held, True
+        if tap is not None:
+            tap.feed(chunk)
+        held.append(chunk)
+        size += len(chunk)
+    return held, False
+
+
+def _masked_error_body(
+    held: Sequence[bytes], headers: RawHeaders, secrets: Sequence[bytes]
+) -> tuple[RawHeaders, list[bytes]] | None:
+    """The headers and body to send instead of a whole error body that quotes a secret, or
+    None to send it unchanged (no secret in it, or it cannot be read within the bound).
+
+    A gzip or deflate body is searched in an inflated copy; when it holds a secret it goes out
+    masked and decoded, without ``Content-Encoding`` and with its own ``Content-Length``."""
+    body = b"".join(held)
+    coding = b""
+    for name, value in headers:
+        if name == b"content-encoding":
+            coding = value.strip().lower()
+    if coding in (b"", b"identity"):
+        plain: bytes | None = body
+    elif coding in _INFLATABLE:
+        plain = _inflated_error_body(body, coding)
+    else:
+        return None  # a coding the gateway did not offer (br, zstd, several): cannot be read
+    if plain is None:
+        return None
+    masked = mask_secrets(plain, secrets)
+    if masked is plain:
+        return None
+    kept = [(n, v) for n, v in headers if n != b"content-encoding" and n != b"content-length"]
+    kept.append((b"content-length", str(len(masked)).encode("ascii")))
+    return kept, [masked]
+
+
+def _inflated_error_body(body: bytes, coding: bytes) -> bytes | None:
+    """``body`` inflated, or None when it inflates past ``ERROR_BODY_BYTES``. A corrupt or
+    truncated body gives what inflated before the fault: what a lenient client would show."""
+    wbits = _GZIP_OR_ZLIB
+    if coding == b"deflate" and not _zlib_wrapped(body):
+        # RFC 9110 §8.4.1.2: deflate is zlib-wrapped, but some servers send it raw.
+        wbits = -zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    pieces: list[bytes] = []
+    room = ERROR_BODY_BYTES
+    for start in range(0, len(body), _INFLATE_INPUT_STEP):
+        try:
+            # Fed in steps, so a fault loses only the step it is in.
+            piece = inflater.decompress(body[start : start + _INFLATE_INPUT_STEP], room + 1)
+        except zlib.error:
+            break
+        if len(piece) > room or inflater.unconsumed_tail:
+            return None
+        pieces.append(piece)
+        room -= len(piece)
+        if inflater.eof:
+            break
+    return b"".join(pieces)
+
+
+def _zlib_wrapped(body: bytes) -> bool:
+    """Whether ``body`` starts with a zlib header (RFC 1950 §2.2: CM 8, FCHECK)."""
+    return len(body) >= 2 and body[0] & 0x0F == 8 and ((body[0] << 8) | body[1]) % 31 == 0
 
 
 def _upstream_refusal(exc: Exception, upstream: str) -> errors.GatewayError:
@@ -369,7 +527,7 @@ def _used_tokens(tap: UsageTap | None) -> int | None:
     return usage.total_tokens if usage is not None else None
 
 
-def _reserve(runtime: Runtime, document: dict[str, Any] | None, payload: bytes) -> int:
+def _reserve(runtime: Runtime, document: dict[str, Any] | None, payload: Body) -> int:
     """Tokens to reserve at admission."""
     default = runtime.config.limits.default_max_tokens
     try:

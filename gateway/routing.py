@@ -10,10 +10,12 @@ never a redirect: the OpenAI SDK follows redirects and a redirected POST loses i
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import format_datetime
+from urllib.parse import unquote_to_bytes
 
 from gateway.config.model import Alias, Route
 
@@ -47,6 +49,16 @@ class Endpoint:
 class Match:
     endpoint: Endpoint
     upstream_path: str
+    params: dict[str, str] = field(default_factory=dict)  # raw, as matched
+
+    def encoded_slashes_confined(self, raw_path: str) -> bool:
+        """Whether every encoded ``/`` of ``raw_path`` lies in the one parameter the route lets
+        hold them (``encoded_slashes``), e.g. a model id such as ``org%2Fmodel``."""
+        name = self.endpoint.route.encoded_slashes
+        if name is None or name not in self.params:
+            return False
+        inside = len(_ENCODED_SLASH.findall(self.params[name]))
+        return inside == len(_ENCODED_SLASH.findall(raw_path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +161,8 @@ class RouteTable:
                 continue
             endpoint = pattern.by_method.get(method)
             if endpoint is not None:
-                return Match(endpoint, endpoint.target.fill(found.groupdict()))
+                params = found.groupdict()
+                return Match(endpoint, endpoint.target.fill(params), params)
             allowed.update(pattern.by_method)
         if allowed:
             return MethodMismatch(tuple(sorted(allowed)))
@@ -171,22 +184,41 @@ def relative_raw_path(scope_raw_path: bytes | None, path: str, root_path: str) -
     return raw
 
 
-# RFC 3986 §5.2.4 dot segments, percent-encoded or not.
-_DOT_SEGMENTS = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
+# RFC 3986 §5.2.4 dot segments, as they read once percent-decoded.
+_DOT_SEGMENTS = frozenset({b".", b".."})
+# Bytes no path may hold once decoded: controls (NUL included) and the backslash, which some
+# servers and proxies read as a path separator.
+_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f\\]")
+_ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
 
 
-def is_unsafe(raw_path: str) -> bool:
-    """Dot segments, or empty segments inside the path (``//``).
+class PathVerdict(enum.Enum):
+    SAFE = "safe"
+    ENCODED_SLASH = "encoded slash"  # safe only inside a parameter that allows it
+    UNSAFE = "unsafe"
 
-    Forwarded raw, ``/v1/../../x`` leaves the upstream's base path once anything on the way
-    normalises it (Nginx merges slashes and resolves dots by default), with the gateway's
-    upstream credentials; and ``/v1/./chat/completions`` would reach the chat endpoint through
-    the catch-all route, past the chat route's key rules and limits. Such paths are 404."""
-    if "/." not in raw_path and "//" not in raw_path and "%2" not in raw_path.lower():
-        return False  # the common case, decided without splitting
-    segments = raw_path.split("/")[1:]
+
+def judge_path(raw_path: str) -> PathVerdict:
+    """Judge a raw path by what it means once percent-decoded, as anything behind the gateway
+    may decode it before routing.
+
+    Forwarded raw, ``/v1/models/..%2F..%2Fsecret`` leaves the upstream's base path once a
+    server on the way decodes and normalises it, with the gateway's upstream credentials;
+    ``/v1/./chat/completions`` or ``/v1/x/..%2Fchat%2Fcompletions`` would reach the chat
+    endpoint through the catch-all route, past the chat route's key rules, limits and methods.
+    So dot segments and empty segments (``//``), a backslash, NUL or any control character,
+    encoded or not, are unsafe; an encoded ``/`` is unsafe unless the matched route lets one
+    parameter hold it (:meth:`Match.encoded_slashes_confined`)."""
+    if not ("%" in raw_path or "/." in raw_path or "//" in raw_path or "\\" in raw_path):
+        return PathVerdict.SAFE  # the common case, decided without decoding
+    decoded = unquote_to_bytes(raw_path)
+    if _FORBIDDEN.search(decoded):
+        return PathVerdict.UNSAFE
+    segments = decoded.split(b"/")[1:]
     last = len(segments) - 1
-    return any(
-        segment.lower() in _DOT_SEGMENTS or (not segment and i < last)
-        for i, segment in enumerate(segments)
-    )
+    for i, segment in enumerate(segments):
+        if segment in _DOT_SEGMENTS or (not segment and i < last):
+            return PathVerdict.UNSAFE
+    if _ENCODED_SLASH.search(raw_path):
+        return PathVerdict.ENCODED_SLASH
+    return PathVerdict.SAFE

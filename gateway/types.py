@@ -11,3 +11,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Raw header list as ASGI carries it: lower-case names, latin-1 bytes.
 RawHeaders = list[tuple[bytes, bytes]]
+
+# A request body as the gateway holds it: one message's bytes, or the one buffer a body that
+# came in several messages was gathered in (never copied again to make it bytes).
+Body = bytes | bytearray

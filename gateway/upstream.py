@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.config.model import Timeouts
+from gateway.types import Body
 
 
 class UpstreamError(Exception):
@@ -47,7 +48,7 @@ class OutboundRequest:
     method: str
     url: str  # already percent-encoded; sent as is
     headers: Sequence[tuple[str, str]]
-    body: bytes
+    body: Body
     timeouts: Timeouts
 
 

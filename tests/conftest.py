@@ -42,7 +42,8 @@ routes:
   - {{name: embeddings, path: /v1/embeddings, upstream: fake}}
   - {{name: responses, path: /v1/responses, upstream: fake}}
   - {{name: models, path: /v1/models, methods: [GET], upstream: fake}}
-  - {{name: model, path: "/v1/models/{{model}}", methods: [GET], upstream: fake}}
+  - {{name: model, path: "/v1/models/{{model}}", methods: [GET], upstream: fake,
+      encoded_slashes: model}}
   - name: slow
     path: /slow/chat/completions
     upstream: fake

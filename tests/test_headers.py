@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from gateway.headers import downstream_response_headers, upstream_request_headers
+import pytest
+
+from gateway.headers import (
+    MASK,
+    downstream_response_headers,
+    mask_secrets,
+    upstream_request_headers,
+)
 
 
 def test_hop_by_hop_and_connection_named_headers_are_not_forwarded_upstream() -> None:
@@ -42,11 +49,35 @@ def test_connection_header_cannot_remove_headers_the_gateway_adds() -> None:
     assert ("authorization", "Bearer up") in out
 
 
-def test_accept_encoding_passes_through_or_is_identity() -> None:
-    assert ("accept-encoding", "gzip, br") in upstream_request_headers(
-        [(b"accept-encoding", b"gzip, br")], [], None
-    )
-    assert ("accept-encoding", "identity") in upstream_request_headers([], [], None)
+@pytest.mark.parametrize(
+    ("offered", "asked"),
+    [
+        (b"gzip, deflate", "gzip, deflate"),
+        (b"gzip, br", "gzip"),
+        (b"gzip, deflate, br, zstd", "gzip, deflate"),
+        (b"br;q=1.0, gzip;q=0.8, *;q=0.1", "gzip;q=0.8"),
+        (b"x-gzip, identity;q=0.5", "x-gzip, identity;q=0.5"),
+        (b"GZip ;q=0.5", "GZip ;q=0.5"),
+        (b"br", "identity"),
+        (b"*", "identity"),
+        (b"", "identity"),
+    ],
+)
+def test_accept_encoding_is_narrowed_to_the_codings_the_gateway_can_inflate(
+    offered: bytes, asked: str
+) -> None:
+    # RFC 9110 §12.5.3; the gateway must be able to read a copy of every body (usage, secrets).
+    out = upstream_request_headers([(b"accept-encoding", offered)], [], None)
+    assert out == [("accept-encoding", asked)]
+
+
+def test_accept_encoding_is_identity_when_the_client_sends_none() -> None:
+    assert upstream_request_headers([], [], None) == [("accept-encoding", "identity")]
+
+
+def test_accept_encoding_in_several_lines_is_one_list() -> None:
+    inbound = [(b"accept-encoding", b"br"), (b"accept-encoding", b"gzip")]
+    assert upstream_request_headers(inbound, [], None) == [("accept-encoding", "gzip")]
 
 
 def test_inbound_forwarded_headers_are_never_forwarded_verbatim() -> None:
@@ -88,3 +119,45 @@ def test_upstream_cache_control_on_event_stream_is_kept_not_duplicated() -> None
         [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")], []
     )
     assert [v for n, v in headers if n == b"cache-control"] == [b"no-store"]
+
+
+# The upstream's secrets never reach a client in a header.
+
+KEY = b"sk-upstream-0123456789"
+ORG = b"org-token-42"
+
+
+def test_upstream_key_echoed_in_any_response_header_is_masked() -> None:
+    upstream = [
+        (
+            b"WWW-Authenticate",
+            b'Bearer error="invalid_token", error_description="Bearer ' + KEY + b'"',
+        ),
+        (b"x-debug", KEY + b"," + ORG + b"," + KEY),
+        (b"x-request-id", b"req_1"),
+    ]
+    headers, _ = downstream_response_headers(upstream, [(b"x-added", KEY)], secrets=(KEY, ORG))
+    assert headers == [
+        (b"www-authenticate", b'Bearer error="invalid_token", error_description="Bearer ***"'),
+        (b"x-debug", b"***,***,***"),
+        (b"x-request-id", b"req_1"),
+        # The gateway's own headers are not the upstream's to leak: they pass as given.
+        (b"x-added", KEY),
+    ]
+
+
+def test_response_headers_without_a_secret_pass_unchanged() -> None:
+    upstream = [(b"content-type", b"application/json"), (b"x-request-id", b"req_1")]
+    headers, _ = downstream_response_headers(upstream, [], secrets=(KEY,))
+    assert headers == upstream
+    assert all(a[1] is b[1] for a, b in zip(headers, upstream, strict=True))
+
+
+def test_a_secret_is_replaced_by_a_fixed_mask_revealing_neither_length_nor_prefix() -> None:
+    assert mask_secrets(b"a " + KEY + b" b " + ORG, (KEY, ORG)) == b"a " + MASK + b" b " + MASK
+    assert MASK == b"***"
+
+
+def test_masking_returns_the_same_object_when_there_is_nothing_to_mask() -> None:
+    data = b'{"error": {"message": "nothing secret"}}'
+    assert mask_secrets(data, (KEY, ORG)) is data

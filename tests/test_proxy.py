@@ -456,21 +456,8 @@ def test_a_model_that_is_not_a_string_is_400(gateway: GatewayProcess) -> None:
     assert (error_of(response)["code"], error_of(response)["param"]) == ("invalid_type", "model")
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/v1/../../echo/x",
-        "/v1/./chat/completions",
-        "/v1//chat/completions",
-        "/v1/%2e%2e/echo",
-        "/v1/.%2E/echo",
-    ],
-)
-def test_dot_and_empty_segments_are_404_not_forwarded(
-    gateway: GatewayProcess, upstream: FakeUpstream, path: str
-) -> None:
-    upstream.clear()
-    # A raw request: HTTP clients resolve dot segments before sending.
+def raw_post(gateway: GatewayProcess, path: str) -> tuple[bytes, bytes]:
+    """POST ``path`` exactly as written: HTTP clients resolve dot segments before sending."""
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {DEMO_KEY}\r\n"
@@ -481,8 +468,55 @@ def test_dot_and_empty_segments_are_404_not_forwarded(
         while chunk := sock.recv(65536):
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 404 ")
-    assert orjson.loads(body)["error"]["code"] == "unknown_url"
+    return head, body
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../../echo/x",
+        "/v1/./chat/completions",
+        "/v1//chat/completions",
+        "/v1/%2e%2e/echo",
+        "/v1/.%2E/echo",
+        # Encoded: a server that decodes before it normalises would leave the base path.
+        "/v1/models/..%2F..%2Fsecret",
+        "/v1/echo/..%2Fchat%2Fcompletions",
+        "/v1/echo/a%2Fb",
+        "/v1/echo/a%2fb",
+        "/v1/echo/a%5Cb",
+        "/v1/echo/a\\b",
+        "/v1/echo/a%00b",
+        "/v1/echo/a%0D%0Ab",
+        "/v1/echo/a%7Fb",
+    ],
+)
+def test_unsafe_paths_are_400_and_never_forwarded(
+    gateway: GatewayProcess, upstream: FakeUpstream, path: str
+) -> None:
+    upstream.clear()
+    head, body = raw_post(gateway, path)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert orjson.loads(body)["error"]["code"] == "invalid_path"
+    assert upstream.requests == []
+
+
+def test_encoded_slash_in_the_parameter_that_allows_it_is_forwarded_exactly(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    """The model route lets {model} hold an encoded '/': Hugging Face ids are org/name."""
+    upstream.clear()
+    response = httpx.get(f"{gateway.url}/v1/models/meta-llama%2FLlama-3-8B", headers=AUTH)
+    assert response.status_code != 400
+    assert upstream.last().path == "/v1/models/meta-llama%2FLlama-3-8B"
+
+
+def test_dot_segments_stay_refused_inside_the_parameter_that_allows_encoded_slashes(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    upstream.clear()
+    response = httpx.get(f"{gateway.url}/v1/models/..%2F..%2Fsecret", headers=AUTH)
+    assert response.status_code == 400
     assert upstream.requests == []
 
 

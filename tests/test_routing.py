@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.model import Route
-from gateway.routing import Match, MethodMismatch, RouteTable, relative_raw_path
+from gateway.routing import (
+    Match,
+    MethodMismatch,
+    PathVerdict,
+    RouteTable,
+    judge_path,
+    relative_raw_path,
+)
 
 
 def table() -> RouteTable:
@@ -118,3 +125,70 @@ def test_relative_raw_path(
     raw_path: bytes | None, path: str, root_path: str, expected: str
 ) -> None:
     assert relative_raw_path(raw_path, path, root_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "verdict"),
+    [
+        ("/v1/chat/completions", PathVerdict.SAFE),
+        ("/v1/files/file-abc/content", PathVerdict.SAFE),
+        ("/v1/models/", PathVerdict.SAFE),  # a trailing slash is an empty last segment
+        ("/v1/files/caf%C3%A9", PathVerdict.SAFE),
+        ("/v1/files/a%20b", PathVerdict.SAFE),
+        ("/v1/files/.hidden", PathVerdict.SAFE),
+        ("/v1/files/a..b", PathVerdict.SAFE),
+        ("/v1/models/org%2Fmodel", PathVerdict.ENCODED_SLASH),
+        ("/v1/models/org%2fmodel", PathVerdict.ENCODED_SLASH),
+        ("/v1/../secret", PathVerdict.UNSAFE),
+        ("/v1/./chat", PathVerdict.UNSAFE),
+        ("/v1//chat", PathVerdict.UNSAFE),
+        ("/v1/%2e%2e/secret", PathVerdict.UNSAFE),
+        ("/v1/%2E/chat", PathVerdict.UNSAFE),
+        ("/v1/models/..%2F..%2Fsecret", PathVerdict.UNSAFE),
+        ("/v1/models/a%2F%2Fb", PathVerdict.UNSAFE),  # an empty segment once decoded
+        ("/v1/models/a%5Cb", PathVerdict.UNSAFE),
+        ("/v1/models/a\\b", PathVerdict.UNSAFE),
+        ("/v1/models/a%00b", PathVerdict.UNSAFE),
+        ("/v1/models/a%0Ab", PathVerdict.UNSAFE),
+        ("/v1/models/a%7fb", PathVerdict.UNSAFE),
+    ],
+)
+def test_paths_are_judged_by_what_they_mean_once_decoded(
+    raw_path: str, verdict: PathVerdict
+) -> None:
+    assert judge_path(raw_path) is verdict
+
+
+def slash_table() -> RouteTable:
+    return RouteTable(
+        [
+            Route(
+                name="model",
+                path="/v1/models/{model}",
+                methods=["GET"],
+                upstream="openai",
+                encoded_slashes="model",
+            ),
+            Route(name="file", path="/v1/files/{id}/{part}", methods=["GET"], upstream="openai"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "confined"),
+    [
+        ("/v1/models/org%2Fmodel", True),
+        ("/v1/files/a%2Fb/content", False),  # the route allows no encoded slash
+    ],
+)
+def test_encoded_slashes_are_allowed_only_in_the_parameter_the_route_names(
+    raw_path: str, confined: bool
+) -> None:
+    match = slash_table().match("GET", raw_path)
+    assert isinstance(match, Match)
+    assert match.encoded_slashes_confined(raw_path) is confined
+
+
+def test_encoded_slashes_must_name_a_parameter_of_the_path() -> None:
+    with pytest.raises(ValueError, match="does not define"):
+        Route(name="m", path="/v1/models/{model}", upstream="openai", encoded_slashes="id")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from gateway.config.model import GatewayConfig, Upstream
+from gateway.headers import mask_secrets
 from gateway.http1_client import Http1Client
 from gateway.limits import LocalLimiter
 from gateway.proxy import _reserve
@@ -22,6 +24,34 @@ def test_configured_query_parameters_replace_the_clients_own() -> None:
     target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
     url = target.url("/chat/completions", b"api-version=1999-01-01&x=%2F&api%2Dversion=2")
     assert url == "https://x.example/openai/v1/chat/completions?x=%2F&api-version=2025-04-01"
+
+
+@pytest.mark.parametrize(
+    "client_query",
+    [
+        b"API-Version=9999",
+        b"Api-VERSION=9999&x=1",
+        b"api%2Dversion=9999",
+        b"API%2dVersion=9999&x=1",
+        b"x=1&api-version=9999&API-VERSION=9998",
+    ],
+)
+def test_configured_query_values_replace_the_clients_whatever_the_case_or_encoding(
+    client_query: bytes,
+) -> None:
+    config = runtime_for(
+        Upstream(base_url="https://x.example/openai/v1", query={"api-version": "2025-04-01"})
+    )
+    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
+    url = target.url("/chat/completions", client_query)
+    kept = "x=1&" if b"x=1" in client_query else ""
+    assert url == f"https://x.example/openai/v1/chat/completions?{kept}api-version=2025-04-01"
+
+
+def test_a_configured_name_in_capitals_replaces_the_clients_lower_case_one() -> None:
+    config = runtime_for(Upstream(base_url="http://x/v1", query={"API-Version": "1"}))
+    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
+    assert target.url("/files", b"api-version=2&a=b") == "http://x/v1/files?a=b&API-Version=1"
 
 
 def test_client_query_passes_unchanged_without_configured_parameters() -> None:
@@ -53,3 +83,63 @@ def test_deeply_nested_json_is_reserved_from_its_size_not_a_crash() -> None:
     payload = b'{"model":"m","messages":' + b'[{"content":' * 499 + b'"x"' + b"}]" * 499 + b"}"
     document = orjson.loads(payload)
     assert _reserve(runtime, document, payload) >= len(payload) // 4
+
+
+def secrets_of(upstream: dict[str, object]) -> tuple[bytes, ...]:
+    target = build_runtime(
+        runtime_for(Upstream.model_validate(upstream)), Http1Client, LocalLimiter()
+    ).upstreams["u"]
+    return target.secrets
+
+
+def test_secrets_are_the_key_and_configured_values_whose_names_carry_credentials() -> None:
+    secrets = secrets_of(
+        {
+            "base_url": "https://x.example/v1",
+            "auth": {"style": "api-key", "key": "azure-key-0123"},
+            "headers": {
+                "Proxy-Authorization": "Basic dXNlcjpwYXNz",
+                "X-Org-Token": "org-token-42",
+                "Cookie": "session=abcdef12; lang=en",
+                "X-Client-Secret": "cs-0123",
+                "anthropic-version": "2023-06-01",
+                "x-gateway-tenant": "tenant-a",
+            },
+            "query": {"api-version": "2025-04-01", "subscription-key": "sub/key+1"},
+        }
+    )
+    assert set(secrets) == {
+        b"azure-key-0123",
+        b"Basic dXNlcjpwYXNz",
+        b"dXNlcjpwYXNz",  # the credentials without their scheme (RFC 9110 §11.4)
+        b"org-token-42",
+        b"session=abcdef12; lang=en",
+        b"abcdef12",  # a cookie's value; "en" is too short to mask
+        b"cs-0123",
+        b"sub/key+1",
+        b"sub%2Fkey%2B1",  # as it is written in the URL
+    }
+    # Longest first: the order masking goes in.
+    assert [len(s) for s in secrets] == sorted((len(s) for s in secrets), reverse=True)
+
+
+def test_values_shorter_than_four_characters_are_not_masked() -> None:
+    # A one-letter "key" would turn every 'a' of every body into the mask.
+    assert secrets_of({"base_url": "http://x/v1", "auth": {"key": "abc"}}) == ()
+    assert secrets_of({"base_url": "http://x/v1", "auth": {"key": "abcd"}}) == (b"abcd",)
+
+
+def test_a_secret_containing_another_is_masked_whole() -> None:
+    secrets = secrets_of(
+        {
+            "base_url": "http://x/v1",
+            "auth": {"style": "x-api-key", "key": "key-0123"},
+            "headers": {"authorization": "Bearer key-0123-ext"},
+        }
+    )
+    # Masked shortest first, "key-0123-ext" would leave "***-ext", a part of a secret.
+    assert mask_secrets(b"got key-0123-ext and key-0123", secrets) == b"got *** and ***"
+
+
+def test_an_upstream_without_credentials_has_no_secrets() -> None:
+    assert secrets_of({"base_url": "http://x/v1", "headers": {"anthropic-version": "1"}}) == ()

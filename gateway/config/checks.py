@@ -161,6 +161,14 @@ def _limits(config: GatewayConfig) -> Iterator[Problem]:
                 format_path(("limits", "routes", route_name)),
                 _unknown("route", route_name, routes),
             )
+    for section in ("routes", "models"):
+        for name, limits in getattr(config.limits, section).items():
+            if limits.max_concurrent is not None:
+                yield (
+                    format_path(("limits", section, name, "max_concurrent")),
+                    "max_concurrent applies to keys (keys[].limits, limits.default) and teams "
+                    "(limits.teams) only",
+                )
     for model in config.limits.models:
         if _unknown_model(config, model):
             yield (

@@ -140,6 +140,12 @@ class Route(Model):
         "Only JSON bodies of POST/PUT/PATCH requests are read. Default true.",
     )
     timeouts: Timeouts | None = Field(None, description="Overrides the upstream's timeouts.")
+    encoded_slashes: str | None = Field(
+        None,
+        description="The one path parameter that may hold an encoded '/' (%2F), such as a "
+        "model id 'org/model' in /v1/models/{model}. Elsewhere an encoded '/' is refused with "
+        "400, as are dot segments, backslashes and control characters. Default none.",
+    )
     stream_usage: bool = Field(
         False,
         description="Ask the upstream for usage on streams (stream_options.include_usage) so token "
@@ -180,6 +186,11 @@ class Route(Model):
                 raise ValueError(
                     f"alias {alias.path!r} must use the same parameters as {self.path!r}"
                 )
+        if self.encoded_slashes is not None and self.encoded_slashes not in params:
+            raise ValueError(
+                f"'encoded_slashes' names {{{self.encoded_slashes}}}, which the path does not "
+                "define"
+            )
         if self.upstream_path is not None:
             if not self.upstream_path.startswith("/"):
                 raise ValueError("'upstream_path' must start with '/'")

@@ -1,8 +1,9 @@
 """Find a response's real token usage in the raw bytes the relay forwards.
 
 The relay feeds every chunk as it arrives (``tap.feed(chunk)``) and calls ``tap.finish()`` at
-the end; the tap reads, never alters or holds back, the bytes. Memory is bounded and a chunk
-without usage costs a couple of µs:
+the end; the tap reads, never alters or holds back, the bytes. Memory and work are bounded
+whatever the upstream sends (the bounds are below), and a chunk without usage costs a couple of
+µs:
 
 - JSON bodies (``application/json``): a small body is kept whole; past ``keep_bytes`` only its
   last ``tail_bytes`` are, since OpenAI's responses end with their ``usage`` (chat completions,
@@ -15,8 +16,21 @@ without usage costs a couple of µs:
 - Compressed bodies: the client gets the bytes as the upstream encoded them (DESIGN §3); the tap
   inflates its own copy of ``gzip`` and ``deflate`` bodies with a streaming zlib decompressor.
   The openai SDK always asks for gzip and OpenAI compresses JSON, so without this nearly every
-  non-stream request would be charged its whole reservation. Other encodings (``br``,
-  ``zstd``) and undeclared gzip make the tap give up: ``None``, and the reservation stands.
+  non-stream request would be charged its whole reservation. The gateway asks upstreams only
+  for these codings (``gateway/headers.py``); other encodings (``br``, ``zstd``) and
+  undeclared gzip make the tap give up: ``None``, and the reservation stands.
+
+The bounds, so that no upstream can make one response cost the event loop unbounded memory or
+CPU (a 2 MB gzip body can inflate to 2 GB):
+
+- At most ``max_inflated_bytes`` (32 MiB) are inflated per response, in pieces of at most
+  1 MiB per zlib call (``max_length``): past the cap the tap drops the decompressor and its
+  unconsumed input and gives up, and the reservation stands. The relayed bytes are unaffected.
+- Buffers: a JSON body keeps at most ``keep_bytes``, then only its last ``tail_bytes``; an event
+  stream keeps its incomplete last event, cut to its tail past ``keep_bytes``.
+- Cutting a usage object out by trial: only the last 8 ``"usage": {`` of a search, each with at
+  most 64 closing braces within 4 KiB of it (a real usage object is a few hundred bytes), parsed
+  through a memoryview rather than copied; an event stream gets at most 16 such searches.
 
 In either body, the last ``"usage": {...}`` object with token counts wins; ``"usage"`` followed
 by ``:`` can only be a key (inside JSON strings its quotes are escaped), and the object is cut
@@ -33,7 +47,12 @@ from typing import Any
 import orjson
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_MAX_OBJECTS = 8  # "usage" keys tried per search, from the last
 _MAX_BRACES = 64  # closing braces tried per usage object before giving up on it
+_MAX_OBJECT_BYTES = 4096  # where those braces may be: a real usage object is ~300 bytes
+_MAX_SEARCHES = 16  # brace searches per event stream (each event with "usage" may need one)
+_MAX_INFLATED = 32 * 1024 * 1024  # default per response: a chat body is KBs, a big embedding MBs
+_INFLATE_STEP = 1024 * 1024  # most one zlib call may produce: bounds a chunk's transient memory
 _INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 # zlib's automatic header detection: gzip or zlib-wrapped deflate (what HTTP calls deflate).
 _AUTO_WBITS = 32 + zlib.MAX_WBITS
@@ -89,23 +108,32 @@ def _parse_whole(data: bytes | bytearray) -> Usage | None:
 
 
 def find_usage(data: bytes | bytearray) -> Usage | None:
-    """The last ``"usage": {...}`` object with token counts in a piece of JSON (or its tail)."""
-    starts = [m.end() - 1 for m in _USAGE.finditer(data)]
-    for start in reversed(starts):
-        usage = _object_at(data, start)
-        if usage is not None:
-            return usage
+    """The last ``"usage": {...}`` object with token counts in a piece of JSON (or its tail).
+
+    Bounded whatever ``data`` holds: the last ``_MAX_OBJECTS`` keys, each tried with at most
+    ``_MAX_BRACES`` closing braces within ``_MAX_OBJECT_BYTES``. Unbounded, a body made of
+    ``"usage": {`` repeated made this quadratic (seconds to minutes for 256 KiB)."""
+    starts = [m.end() - 1 for m in _USAGE.finditer(data)][-_MAX_OBJECTS:]
+    if not starts:
+        return None
+    # Trials parse slices of a view: a failed trial costs what orjson read, not a copy.
+    with memoryview(data) as view:
+        for start in reversed(starts):
+            usage = _object_at(data, view, start)
+            if usage is not None:
+                return usage
     return None
 
 
-def _object_at(data: bytes | bytearray, start: int) -> Usage | None:
+def _object_at(data: bytes | bytearray, view: memoryview, start: int) -> Usage | None:
     end = start
+    limit = start + _MAX_OBJECT_BYTES
     for _ in range(_MAX_BRACES):
-        end = data.find(b"}", end + 1)
+        end = data.find(b"}", end + 1, limit)
         if end < 0:
             return None
         try:
-            obj = orjson.loads(data[start : end + 1])
+            obj = orjson.loads(view[start : end + 1])
         except orjson.JSONDecodeError:
             continue
         return parse_usage(obj)
@@ -115,7 +143,18 @@ def _object_at(data: bytes | bytearray, start: int) -> Usage | None:
 class UsageTap:
     """Reads usage from a response's raw chunks; ``finish()`` returns it, or ``None``."""
 
-    __slots__ = ("_buf", "_done", "_inflate", "_keep", "_sse", "_tail", "_truncated", "_usage")
+    __slots__ = (
+        "_buf",
+        "_done",
+        "_inflate",
+        "_inflate_budget",
+        "_keep",
+        "_searches",
+        "_sse",
+        "_tail",
+        "_truncated",
+        "_usage",
+    )
 
     def __init__(
         self,
@@ -124,17 +163,22 @@ class UsageTap:
         *,
         keep_bytes: int = 256 * 1024,
         tail_bytes: int = 16 * 1024,
+        max_inflated_bytes: int = _MAX_INFLATED,
     ) -> None:
+        """``max_inflated_bytes``: the most a compressed body is inflated (default 32 MiB);
+        past it the tap gives up on the response and its reservation stands."""
         ctype = (content_type or "").lower()
         encoding = (content_encoding or "").strip().lower()
         self._sse = ctype.startswith("text/event-stream")
         self._inflate = zlib.decompressobj(_AUTO_WBITS) if encoding in _INFLATABLE else None
+        self._inflate_budget = max_inflated_bytes
         plain = encoding in ("", "identity") or self._inflate is not None
         self._done = not plain or not (self._sse or "json" in ctype or not ctype)
         self._buf = bytearray()
         self._keep = keep_bytes
         self._tail = tail_bytes
         self._truncated = False  # JSON: the head was dropped; SSE: the first event's head was
+        self._searches = _MAX_SEARCHES
         self._usage: Usage | None = None
 
     @property
@@ -145,25 +189,29 @@ class UsageTap:
     def feed(self, chunk: bytes) -> None:
         if self._done or not chunk:
             return
-        if self._inflate is not None:
+        if self._inflate is None:
+            self._take(chunk)
+            return
+        inflate = self._inflate
+        data = chunk
+        while data:
+            # Never more than the budget left (plus one byte, to tell "exactly used up" from
+            # "over"; a limit of 0 would mean no limit to zlib), and 1 MiB per call at most.
+            budget = self._inflate_budget
             try:
-                chunk = self._inflate.decompress(chunk)
+                piece = inflate.decompress(data, min(budget + 1, _INFLATE_STEP))
             except zlib.error:
                 self._give_up()
                 return
-            if not chunk:
+            if len(piece) > budget:
+                self._give_up()  # a bomb, or just too big: stop inflating, keep relaying
                 return
-        buf = self._buf
-        if not buf and not self._truncated and chunk[:2] == b"\x1f\x8b":
-            self._give_up()  # gzip without a Content-Encoding saying so
-            return
-        if self._sse:
-            self._feed_event_stream(chunk)
-            return
-        buf += chunk
-        if len(buf) > self._keep:
-            del buf[: len(buf) - self._tail]
-            self._truncated = True
+            self._inflate_budget = budget - len(piece)
+            data = inflate.unconsumed_tail
+            if piece:
+                self._take(piece)
+                if self._done:
+                    return
 
     def finish(self) -> Usage | None:
         """End of the body: look at what is left and return the usage found, if any."""
@@ -171,9 +219,16 @@ class UsageTap:
             inflate, self._inflate = self._inflate, None
             if inflate is not None:
                 try:
-                    self.feed(inflate.flush())
+                    # Every input byte was consumed in feed(): only the few bytes zlib may
+                    # still hold back can come out here, counted against the cap all the same.
+                    rest = inflate.flush()
                 except zlib.error:
                     self._give_up()
+                else:
+                    if len(rest) > self._inflate_budget:
+                        self._give_up()
+                    elif rest:
+                        self._take(rest)
         if not self._done:
             if self._buf:
                 found = None if self._truncated else _parse_whole(self._buf)
@@ -187,6 +242,28 @@ class UsageTap:
     def _give_up(self) -> None:
         self._done = True
         self._buf = bytearray()
+        self._inflate = None  # with it goes any unconsumed input it held
+
+    def _take(self, chunk: bytes) -> None:
+        """Read a piece of the (inflated) body."""
+        buf = self._buf
+        if not buf and not self._truncated and chunk[:2] == b"\x1f\x8b":
+            self._give_up()  # gzip without a Content-Encoding saying so
+            return
+        if self._sse:
+            self._feed_event_stream(chunk)
+            return
+        if len(buf) + len(chunk) <= self._keep:
+            buf += chunk
+            return
+        # Past keep_bytes only the tail is kept: copy no more of a big piece than that.
+        tail = self._tail
+        if len(chunk) >= tail:
+            buf[:] = chunk[-tail:]
+        else:
+            buf += chunk
+            del buf[: len(buf) - tail]
+        self._truncated = True
 
     def _feed_event_stream(self, chunk: bytes) -> None:
         buf = self._buf
@@ -201,12 +278,16 @@ class UsageTap:
             return
         if _USAGE.search(buf, 0, end) is not None:
             found = _event_usage(buf, end)
-            if found is None:
+            if found is None and self._searches > 0:
+                self._searches -= 1
                 found = find_usage(buf[:end])
             if found is not None:
                 self._usage = found
         self._truncated = False
         del buf[:end]
+        if len(buf) > self._keep:  # what follows the last boundary is one huge event: its tail
+            del buf[: len(buf) - self._tail]
+            self._truncated = True
 
 
 def _event_usage(buf: bytearray, end: int) -> Usage | None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -10,6 +11,7 @@ import orjson
 import pytest
 
 from gateway.limits import Usage, UsageTap
+from tests.hostileupstream import gzip_bomb
 
 CHAT_JSON = orjson.dumps(
     {
@@ -274,3 +276,70 @@ def test_feeding_a_chunk_without_usage_costs_a_few_microseconds() -> None:
     per_chunk = (time.perf_counter() - start) / n
     assert tap.usage is None
     assert per_chunk < 20e-6, f"{per_chunk * 1e6:.1f} µs per chunk"
+
+
+# -- Bounded whatever the upstream sends ----------------------------------------------------------
+
+
+def test_a_gzip_bomb_is_given_up_quickly_without_inflating_it() -> None:
+    bomb = gzip_bomb(1 << 30)  # 1 GiB of zeros in about 1 MB
+    tap = UsageTap("application/json", "gzip")
+    started = time.perf_counter()
+    for chunk in split_every(bomb, 64 * 1024):
+        tap.feed(chunk)
+        assert len(tap._buf) <= 256 * 1024
+    usage = tap.finish()
+    elapsed = time.perf_counter() - started
+    assert usage is None
+    assert elapsed < 0.5, f"{elapsed:.2f} s on a gzip bomb"
+
+
+def test_one_chunk_of_a_bomb_never_holds_much_more_than_a_mebibyte_inflated() -> None:
+    bomb = gzip_bomb(256 << 20)
+    tap = UsageTap("text/event-stream", "gzip")
+    tracemalloc.start()
+    try:
+        tap.feed(bomb)  # one chunk inflating to 256 MiB
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tap.finish() is None
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB held at once"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_inflating_past_the_cap_is_given_up_and_one_within_it_is_read(
+    encoding: str,
+) -> None:
+    body = gzip.compress(CHAT_JSON) if encoding == "gzip" else _deflate(CHAT_JSON)
+    size = len(CHAT_JSON)
+    within = UsageTap("application/json", encoding, max_inflated_bytes=size)
+    assert feed_all(within, split_every(body, 7)) == Usage(19, 10, 29)
+    past = UsageTap("application/json", encoding, max_inflated_bytes=size - 1)
+    assert feed_all(past, split_every(body, 7)) is None
+
+
+def test_a_json_body_of_repeated_usage_keys_is_searched_in_bounded_time() -> None:
+    # Each key would otherwise be tried with 64 closing braces, each trial copying up to the
+    # whole buffer: quadratic, minutes for this body.
+    body = b'{"x": ' + b'"usage": {' * 25_000 + b"}" * 64
+    tap = UsageTap("application/json")
+    started = time.perf_counter()
+    assert feed_all(tap, split_every(body, 16 * 1024)) is None
+    assert time.perf_counter() - started < 0.5
+
+
+def test_an_event_stream_of_repeated_usage_keys_is_searched_in_bounded_time() -> None:
+    event = b"data: " + b'"usage": {' * 300 + b"}" * 64 + b"\n\n"
+    tap = UsageTap("text/event-stream")
+    started = time.perf_counter()
+    for _ in range(1000):
+        tap.feed(event)
+    assert tap.finish() is None
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_huge_event_after_a_boundary_keeps_only_its_tail() -> None:
+    tap = UsageTap("text/event-stream", keep_bytes=32_768, tail_bytes=8192)
+    tap.feed(b"data: {}\n\n" + b"x" * 1_000_000)
+    assert len(tap._buf) <= 32_768

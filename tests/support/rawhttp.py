@@ -92,7 +92,9 @@ def is_closed(sock: socket.socket, wait: float = 0.0) -> bool:
 
 def readable(sock: socket.socket) -> bool:
     """Whether the server has sent something (or closed) that is not read yet."""
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()  # not select(): descriptors past 1024 are fine
+    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(0))
 
 
 def trickle(sock: socket.socket, data: bytes, interval: float, *, limit: float) -> float:
