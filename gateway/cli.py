@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.auth import hash_key, new_key
-from gateway.config.loader import ConfigError, load_config
+from gateway.config.loader import ConfigError, load_config, load_config_files
 from gateway.config.model import GatewayConfig
 from gateway.routing import RouteTable
 from gateway.server.protocol import GatewayProtocol
@@ -35,13 +35,17 @@ def _logging(level: str) -> dict[str, Any]:
     }
 
 
+def _print_errors(path: str, exc: ConfigError) -> None:
+    print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+    for issue in exc.errors:
+        print(f"  {issue}", file=sys.stderr)
+
+
 def _load(path: str) -> GatewayConfig | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for issue in exc.errors:
-            print(f"  {issue}", file=sys.stderr)
+        _print_errors(path, exc)
         return None
 
 
@@ -140,19 +144,31 @@ def demo_key_refusal(config: GatewayConfig, host: str, demo: bool) -> str | None
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    config = _load(args.config)
-    if config is None:
+    from gateway.app import Gateway
+    from gateway.server import runner
+
+    try:
+        config, files = load_config_files(args.config)
+    except ConfigError as exc:
+        _print_errors(args.config, exc)
         return 1
     refusal = demo_key_refusal(config, args.host or config.server.host, args.demo)
     if refusal is not None:
         print(f"{args.config}: {refusal}", file=sys.stderr)
         return 1
-    os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-    if args.root_path is not None:
-        os.environ["GATEWAY_ROOT_PATH"] = args.root_path
-    uvicorn.run(
-        "gateway.app:app_from_environment",
-        factory=True,
+    app: Gateway | str
+    if args.workers > 1:
+        # Each worker process loads the config itself, from the environment.
+        os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
+        if args.root_path is not None:
+            os.environ["GATEWAY_ROOT_PATH"] = args.root_path
+        app = "gateway.app:app_from_environment"
+    else:
+        # One process serves the very config checked above: loaded once.
+        app = Gateway(config, root_path=args.root_path, config_files=files)
+    server_config = uvicorn.Config(
+        app,
+        factory=isinstance(app, str),
         host=args.host or config.server.host,
         port=config.server.port if args.port is None else args.port,
         workers=args.workers,
@@ -162,7 +178,8 @@ def _serve(args: argparse.Namespace) -> int:
         ws="none",
         loop="uvloop",
         lifespan="on",
-        # One place decides whom to trust (DESIGN §3): the gateway's middleware, from YAML.
+        # One place decides whom to trust: the gateway's middleware, from YAML. uvicorn's own
+        # handling covers fewer headers and trusts 127.0.0.1 by default.
         proxy_headers=False,
         forwarded_allow_ips="",
         # The upstream's Server and Date headers pass through; uvicorn adds none of its own.
@@ -174,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
         # uvicorn would otherwise wait for every open stream, however long, before exiting.
         timeout_graceful_shutdown=args.graceful_timeout,
     )
+    runner.run(server_config)
     return 0
 
 

@@ -90,6 +90,16 @@ class ChildProcess:
             + self.logs()
         )
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child (the supervisor, with workers)."""
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the child to exit by itself; its exit code."""
+        assert self._process is not None
+        return self._process.wait(timeout)
+
     def stop(self) -> None:
         process, self._process = self._process, None
         stop_process(process)

@@ -89,8 +89,8 @@ class GatewayProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        settings = getattr(self.app, "connection_settings", None)
-        stats = getattr(self.app, "connection_stats", None)
+        settings = _from_app(self.app, "connection_settings")
+        stats = _from_app(self.app, "connection_stats")
         self._settings: ConnectionSettings = settings or ConnectionSettings()
         self._stats: ConnectionStats = stats or ConnectionStats()
         self._refused = False
@@ -322,6 +322,19 @@ class GatewayProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own plain-text 400 path, should anything still reach it.
         self._refuse(errors.malformed_request(msg))
+
+
+def _from_app(app: object, name: str) -> Any:
+    """``name`` of the application, looked for through the middleware uvicorn may wrap around
+    it (each keeps the next as ``.app``)."""
+    for _ in range(4):
+        value = getattr(app, name, None)
+        if value is not None:
+            return value
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
 
 
 def _reason(exc: httptools.HttpParserError) -> str:
