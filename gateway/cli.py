@@ -10,10 +10,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from gateway import __version__
 from gateway.auth import hash_key, new_key
 from gateway.config.loader import ConfigError, load_config, load_config_files
-from gateway.config.model import GatewayConfig
+from gateway.config.model import ApiKey, GatewayConfig
 from gateway.routing import RouteTable
 from gateway.server.protocol import GatewayProtocol
 
@@ -196,14 +199,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    key = new_key()
-    print(f"# The key, shown once; hand it to {args.name} and keep no copy:", file=sys.stderr)
-    print(key)
-    entry: dict[str, Any] = {"name": args.name, "hash": hash_key(key)}
+    entry: dict[str, Any] = {"name": args.name}
     if args.team:
         entry["team"] = args.team
+    try:
+        # The same rules the config applies to a key's name and team, so what is printed loads.
+        ApiKey.model_validate({**entry, "hash": "sha256:" + "0" * 64})
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            field = ".".join(str(part) for part in error["loc"])
+            print(f"{field}: {error['msg']}", file=sys.stderr)
+        return 1
+    key = new_key()
+    entry["hash"] = hash_key(key)
+    print(f"# The key, shown once; hand it to {args.name} and keep no copy:", file=sys.stderr)
+    print(key)
     print("# Add under 'keys:' in the config:", file=sys.stderr)
-    print("  - " + "\n    ".join(f"{k}: {v}" for k, v in entry.items()))
+    # Dumped by YAML itself: a name such as 'yes', 'null' or '1e3' is quoted so it loads back
+    # as the string it is, not as a boolean, null or number.
+    listed = yaml.safe_dump([entry], sort_keys=False, default_flow_style=False)
+    print("\n".join("  " + line for line in listed.splitlines()))
     return 0
 
 

@@ -16,7 +16,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The Python environment: the active virtual environment, else .venv (made here if missing), so
+# this works on a system Python that refuses global installs (PEP 668). .venv sees the system's
+# site-packages, so what is installed already is not downloaded again.
 PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+      # Debian and Ubuntu ship venv apart from python3.
+      if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+      version=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "python${version}-venv" >/dev/null \
+        || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    fi
+    "$PYTHON" -m venv --system-site-packages .venv
+  fi
+  PYTHON=.venv/bin/python
+fi
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
 
 "$PYTHON" -m ruff format --check .

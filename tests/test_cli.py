@@ -11,7 +11,7 @@ import pytest
 
 from gateway.auth import hash_key
 from gateway.cli import demo_key_refusal, main
-from gateway.config.loader import load_config
+from gateway.config.loader import load_config, parse_config_text
 from gateway.config.model import GatewayConfig
 from tests.gatewayproc import free_port
 
@@ -52,6 +52,40 @@ def test_keys_new_prints_a_key_once_and_its_hash_entry(capsys: pytest.CaptureFix
     assert f"hash: {hash_key(key)}" in entry
     assert "name: alice" in entry
     assert "team: ml" in entry
+
+
+@pytest.mark.parametrize(
+    ("name", "team"),
+    [
+        ("alice", None),
+        ("yes", "no"),  # YAML 1.1 booleans
+        ("on", "off"),
+        ("null", None),
+        ("007", "1.5"),  # numbers
+        ("0x1F", "1e3"),
+        ("2026-01-01", None),  # a date
+        ("a:b", "x.y"),
+    ],
+)
+def test_keys_new_prints_yaml_the_loader_reads_back_as_the_same_names(
+    name: str, team: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "new", name, *(["--team", team] if team else [])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    key, entry = out[0], "\n".join(out[1:])
+    config = parse_config_text("keys:\n" + entry + "\n")
+    (loaded,) = config.keys
+    assert (loaded.name, loaded.team, loaded.hash) == (name, team, hash_key(key))
+
+
+@pytest.mark.parametrize("name", ["bad name", "~", "_under", "x" * 129, "caf\u00e9"])
+def test_keys_new_refuses_names_the_config_refuses(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keys", "new", name]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no key is made for an entry that could not be used
+    assert captured.err.startswith("name: ")
 
 
 def test_committed_json_schema_is_current() -> None:
