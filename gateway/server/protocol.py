@@ -148,11 +148,6 @@ class GatewayProtocol(HttpToolsProtocol):
                 self.transport.close()
             return
         self._unset_keepalive_if_required()
-        if self._awaiting_head and self._head_timer is None:
-            # The first byte of a further request on a kept-alive connection.
-            self._head_timer = self.loop.call_later(
-                self._settings.header_timeout, self._head_timeout
-            )
         self._head_began = False
         try:
             self.parser.feed_data(data)
@@ -168,6 +163,12 @@ class GatewayProtocol(HttpToolsProtocol):
                 self._refuse(errors.malformed_request(_reason(exc)))
             return
         if self._awaiting_head:
+            if self._head_timer is None:
+                # A further request on a kept-alive connection has begun: its head is timed
+                # from its first byte (uvicorn's keep-alive timer stopped at that byte).
+                self._head_timer = self.loop.call_later(
+                    self._settings.header_timeout, self._head_timeout
+                )
             # Bytes of a head still incomplete. A head that began inside this chunk shares it
             # with the message before it, so its first chunk is counted by the callbacks alone:
             # at most one read's worth of slack.
@@ -302,14 +303,19 @@ class GatewayProtocol(HttpToolsProtocol):
         self._refused = True
         self._cancel_timers()
         cycle = self.cycle
-        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        # No room for a status mid-response, nor after the response to the request whose body
+        # is still arriving (an early 401, say): then the connection is only closed.
+        no_room = cycle is not None and (
+            (cycle.response_started and not cycle.response_complete)
+            or (cycle.response_complete and not self._awaiting_head)
+        )
         if cycle is not None and not cycle.response_complete:
             # The application sees the client gone: its reads end, its writes are dropped.
             cycle.disconnected = True
             cycle.message_event.set()
         if self.transport.is_closing():
             return
-        if started:
+        if no_room:
             self.transport.close()
             return
         self.transport.write(render(error))

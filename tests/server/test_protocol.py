@@ -219,6 +219,37 @@ def test_head_dribbled_a_byte_at_a_time_gets_408(guarded: GatewayProcess) -> Non
     assert elapsed < 2
 
 
+def test_second_head_on_a_kept_alive_connection_that_stalls_gets_408(
+    guarded: GatewayProcess,
+) -> None:
+    with connect(guarded.port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        time.sleep(0.2)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Stall: ")
+        data, closed = read_all(sock, timeout=5)
+    assert data.startswith(b"HTTP/1.1 408 "), data[:100]
+    assert closed
+    assert time.monotonic() - started < 2
+
+
+def test_slow_body_after_an_early_answer_is_closed_without_a_second_response(
+    guarded: GatewayProcess,
+) -> None:
+    """The gateway answers 401 before reading the body; the body then stalls. The connection
+    is closed, and the client never sees a 408 after its 401."""
+    with connect(guarded.port) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        data, closed = read_all(sock, timeout=5)
+    assert data.startswith(b"HTTP/1.1 401 "), data[:100]
+    assert data.count(b"HTTP/1.1 ") == 1
+    assert closed
+
+
 def test_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
     guarded: GatewayProcess,
 ) -> None:
