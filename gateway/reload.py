@@ -1,28 +1,44 @@
 """Config reload: on SIGHUP and when a config file changes.
 
 A new config is loaded and validated in full before anything changes; an invalid one is refused,
-logged with every error, and shown on ``/readyz``, while the snapshot in service keeps serving
-(DESIGN §2). Files are polled (size and mtime) rather than watched with inotify: it works the
+logged with every error, and shown on ``/readyz``, while the snapshot in service keeps serving.
+Files are polled (device, inode, size and mtime) rather than watched with inotify: it works the
 same on every filesystem, including the symlink swaps of Kubernetes ConfigMaps.
+
+Files are written in place (editors, ``cat >``), atomically (a temporary file renamed over the
+old one) or by a symlink swap (ConfigMaps). In place, a poll can land between the truncate and
+the last write, so a changed file is read until two readings ``SETTLE_SECONDS`` apart agree
+(the loader also refuses a config without routes, what an emptied file reads as).
+
+Whatever goes wrong in a reload, ConfigError or not (a RecursionError from a hostile file was
+once enough to end the watcher silently), is logged, counted, and the watcher goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from gateway.config.loader import ConfigError, load_config_files
+from gateway.config.files import FileStamp, Identity, identity_of, reread
+from gateway.config.loader import ConfigSnapshot, read_config
 from gateway.config.model import GatewayConfig
 
 logger = logging.getLogger("gateway.reload")
 
-Signature = tuple[tuple[str, int, int], ...]
+Signature = tuple[tuple[str, Identity | None], ...]
+
+# Editors write a config in one go, in microseconds to milliseconds; a file unchanged for 50 ms
+# after it was read is one the writer has finished with. A file still changing after this many
+# readings is left for the next poll.
+SETTLE_SECONDS = 0.05
+SETTLE_READINGS = 10
 
 
 @dataclass(slots=True)
@@ -44,14 +60,47 @@ class ReloadStatus:
 
 
 def _signature(files: tuple[str, ...]) -> Signature:
-    out = []
+    out: list[tuple[str, Identity | None]] = []
     for file in files:
         try:
-            stat = os.stat(file)  # follows symlinks: a ConfigMap swap changes the target
-            out.append((file, stat.st_mtime_ns, stat.st_size))
+            # Follows symlinks: a ConfigMap swap changes the target.
+            out.append((file, identity_of(os.stat(file))))
         except OSError:
-            out.append((file, -1, -1))
+            out.append((file, None))
     return tuple(out)
+
+
+def _signature_of(stamps: tuple[FileStamp, ...]) -> Signature:
+    """The signature of the files as they were when read: a change after the reading, even
+    during the load, is seen by the next poll."""
+    return tuple((stamp.file, stamp.identity) for stamp in stamps)
+
+
+def _unchanged(stamps: tuple[FileStamp, ...]) -> bool:
+    return all(reread(stamp) == stamp for stamp in stamps)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a config is loaded and applied, and none over it after.
+
+    A full collection walks every tracked object while holding the GIL: with a config of 10,000
+    keys alive, twice during a reload, that is 50-170 ms in one piece on a small machine, the
+    stalls that took serving p99 from milliseconds to hundreds. Loading allocates enough to set
+    off several. So collection waits for the reload, and what is alive then (the new config, the
+    process's long-lived objects) is frozen (``gc.freeze``, bpo-31558) out of later collections.
+    The price: cyclic garbage alive at that moment is never collected; reloads are rare and a
+    config holds no cycles, so this is a few objects per reload.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 class ConfigReloader:
@@ -64,37 +113,75 @@ class ConfigReloader:
         apply: Callable[[GatewayConfig], Awaitable[None]],
         *,
         interval: float,
+        settle: float = SETTLE_SECONDS,
     ) -> None:
         self.path = path
         self.status = ReloadStatus()
         self._apply = apply
         self._interval = interval
+        self._settle = settle
         self._files = files
         self._seen = _signature(files)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     async def reload(self) -> bool:
-        """Load, validate and apply the config; False (and the old one serving) if invalid."""
+        """Load, validate and apply the config; False (and the old one serving) if it is invalid,
+        still being written, or anything else goes wrong."""
         async with self._lock:
-            seen = _signature(self._files)
+            before = _signature(self._files)
             try:
-                config, files = await asyncio.to_thread(load_config_files, self.path)
-            except ConfigError as exc:
-                self._seen = seen  # do not retry the same broken files every poll
-                self.status.failures += 1
-                self.status.last_error = str(exc)
-                self.status.last_error_at = time.time()
-                logger.error("config reload refused; the previous config keeps serving:\n%s", exc)
+                return await self._reload()
+            except Exception as exc:  # the watcher must outlive any failure, expected or not
+                self._seen = before  # do not retry the same files every poll
+                reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+                self._refused(reason)
+                logger.error("config reload failed; the previous config keeps serving: %s", reason)
+                logger.debug("config reload failure", exc_info=True)
                 return False
-            await self._apply(config)
-            self._files = files
-            self._seen = _signature(files)
-            self.status.generation += 1
-            self.status.last_reload_at = time.time()
-            self.status.last_error = None
-            logger.info("config reloaded (generation %d)", self.status.generation)
-            return True
+
+    async def _reload(self) -> bool:
+        with _collector_paused():
+            return await self._load_and_apply()
+
+    async def _load_and_apply(self) -> bool:
+        snapshot = await self._settled()
+        if snapshot is None:
+            logger.warning(
+                "config files still changing after %d readings; trying again at the next poll",
+                SETTLE_READINGS,
+            )
+            return False
+        if snapshot.config is None:
+            self._seen = _signature_of(snapshot.stamps)  # not the same broken files every poll
+            self._refused(str(snapshot.error))
+            logger.error(
+                "config reload refused; the previous config keeps serving:\n%s", snapshot.error
+            )
+            return False
+        await self._apply(snapshot.config)
+        self._files = snapshot.files
+        self._seen = _signature_of(snapshot.stamps)
+        self.status.generation += 1
+        self.status.last_reload_at = time.time()
+        self.status.last_error = None
+        logger.info("config reloaded (generation %d)", self.status.generation)
+        return True
+
+    async def _settled(self) -> ConfigSnapshot | None:
+        """A reading of the config whose files read the same again a moment later."""
+        for _ in range(SETTLE_READINGS):
+            # In a thread: the event loop keeps serving (the loader gives up the GIL often).
+            snapshot = await asyncio.to_thread(read_config, self.path)
+            await asyncio.sleep(self._settle)
+            if await asyncio.to_thread(_unchanged, snapshot.stamps):
+                return snapshot
+        return None
+
+    def _refused(self, reason: str) -> None:
+        self.status.failures += 1
+        self.status.last_error = reason
+        self.status.last_error_at = time.time()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,4 +204,4 @@ class ConfigReloader:
         while True:
             await asyncio.sleep(self._interval)
             if _signature(self._files) != self._seen:
-                await self.reload()
+                await self.reload()  # never raises: see reload()

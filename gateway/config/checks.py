@@ -65,18 +65,41 @@ def parse_path(text: str) -> KeyPath:
     return tuple(parts)
 
 
-def check_config(config: GatewayConfig, locate: Locate | None = None) -> list[Problem]:
+@dataclass(frozen=True)
+class Unverified:
+    """Names of entries that failed validation and are missing from the config checked.
+
+    A reference to one is not reported: the entry's own error is, and the reference may well be
+    right. ``None`` stands for a whole section that failed, where no name can be judged (for
+    ``models``, also a failed ``allow_unlisted_models``; ``teams`` are those of failed keys).
+    """
+
+    routes: frozenset[str] | None = frozenset()
+    upstreams: frozenset[str] | None = frozenset()
+    models: frozenset[str] | None = frozenset()
+    teams: frozenset[str] | None = frozenset()
+
+    @staticmethod
+    def covers(names: frozenset[str] | None, name: str) -> bool:
+        return names is None or name in names
+
+
+def check_config(
+    config: GatewayConfig, locate: Locate | None = None, unverified: Unverified | None = None
+) -> list[Problem]:
     """Every cross-reference problem in ``config``, in the order of the sections.
 
     ``locate`` turns a key path into a place such as ``gateway.yaml:12``; messages that point at
-    another entry (the first route with the same name, say) then say where it is.
+    another entry (the first route with the same name, say) then say where it is. ``unverified``
+    names the entries left out of ``config`` because they are invalid.
     """
     cite = _Cite(locate)
+    skip = Unverified() if unverified is None else unverified
     return [
         *_unique_names(config, cite),
-        *_references(config),
-        *_limits(config),
-        *_route_table(config, cite),
+        *_references(config, skip),
+        *_limits(config, skip),
+        *_route_table(config, cite, skip),
     ]
 
 
@@ -121,27 +144,31 @@ def _unique_names(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
         hashes.setdefault(key.hash, i)
 
 
-def _references(config: GatewayConfig) -> Iterator[Problem]:
+def _references(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
     upstreams = set(config.upstreams)
     routes = {route.name for route in config.routes}
     for i, route in enumerate(config.routes):
-        if route.upstream not in upstreams:
+        if route.upstream not in upstreams and not skip.covers(skip.upstreams, route.upstream):
             yield (
                 format_path(("routes", i, "upstream")),
                 _unknown("upstream", route.upstream, upstreams),
             )
     for name, alias in config.models.items():
-        if alias.upstream not in upstreams:
+        if alias.upstream not in upstreams and not skip.covers(skip.upstreams, alias.upstream):
             yield (
                 format_path(("models", name, "upstream")),
                 _unknown("upstream", alias.upstream, upstreams),
             )
     for i, key in enumerate(config.keys):
         for j, route_name in enumerate(key.routes):
-            if route_name != "*" and route_name not in routes:
+            if (
+                route_name != "*"
+                and route_name not in routes
+                and not skip.covers(skip.routes, route_name)
+            ):
                 yield format_path(("keys", i, "routes", j)), _unknown("route", route_name, routes)
         for j, model in enumerate(key.models):
-            if _unknown_model(config, model):
+            if _unknown_model(config, model, skip):
                 yield (
                     format_path(("keys", i, "models", j)),
                     f"unknown model {model!r}: not in 'models' and not a pattern, and "
@@ -149,14 +176,14 @@ def _references(config: GatewayConfig) -> Iterator[Problem]:
                 )
 
 
-def _limits(config: GatewayConfig) -> Iterator[Problem]:
+def _limits(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
     teams = {key.team for key in config.keys if key.team is not None}
     for team in config.limits.teams:
-        if team not in teams:
+        if team not in teams and not skip.covers(skip.teams, team):
             yield format_path(("limits", "teams", team)), f"unknown team {team!r}: no key has it"
     routes = {route.name for route in config.routes}
     for route_name in config.limits.routes:
-        if route_name not in routes:
+        if route_name not in routes and not skip.covers(skip.routes, route_name):
             yield (
                 format_path(("limits", "routes", route_name)),
                 _unknown("route", route_name, routes),
@@ -170,7 +197,7 @@ def _limits(config: GatewayConfig) -> Iterator[Problem]:
                     "(limits.teams) only",
                 )
     for model in config.limits.models:
-        if _unknown_model(config, model):
+        if _unknown_model(config, model, skip):
             yield (
                 format_path(("limits", "models", model)),
                 f"unknown model {model!r}: not in 'models' and not a pattern, and "
@@ -178,11 +205,12 @@ def _limits(config: GatewayConfig) -> Iterator[Problem]:
             )
 
 
-def _unknown_model(config: GatewayConfig, model: str) -> bool:
+def _unknown_model(config: GatewayConfig, model: str, skip: Unverified) -> bool:
     return not (
         config.allow_unlisted_models
         or model in config.models
-        or any(char in _GLOB_CHARS for char in model)
+        or not _GLOB_CHARS.isdisjoint(model)
+        or skip.covers(skip.models, model)
     )
 
 
@@ -211,7 +239,7 @@ class _Served:
         return cite(self.where, text)
 
 
-def _route_table(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
+def _route_table(config: GatewayConfig, cite: _Cite, skip: Unverified) -> Iterator[Problem]:
     served: list[_Served] = []
     for i, route in enumerate(config.routes):
         served.append(_Served(("routes", i, "path"), route, route.path, False))
@@ -233,10 +261,21 @@ def _route_table(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
                 yield format_path(entry.where), message
                 break
         earlier.append(entry)
+    if skip.routes != frozenset():
+        return  # a successor may be served by a route that failed validation
+    # A successor is usually a literal path served as written: one lookup. Only patterns with
+    # parameters need a scan (comparing every successor with every path was quadratic: seconds
+    # for a thousand routes).
+    shapes = set(by_shape)
+    patterns = [e.path for e in served if "{" in e.path]
     for i, route in enumerate(config.routes):
         for j, alias in enumerate(route.aliases):
             successor = alias.successor
-            if successor is not None and not any(_serves(e.path, successor) for e in served):
+            if (
+                successor is not None
+                and _shape(successor) not in shapes
+                and not any(_serves(pattern, successor) for pattern in patterns)
+            ):
                 yield (
                     format_path(("routes", i, "aliases", j, "successor")),
                     f"{successor!r} is not served by any route or alias",

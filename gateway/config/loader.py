@@ -1,19 +1,26 @@
 """YAML files -> one ``GatewayConfig``, or every error at once with its file, line and key path.
 
-The steps, each reporting all it finds before the next runs:
+The steps, each reporting all it finds:
 
-1. Parse each file into plain values with PyYAML's safe scalars, recording where every mapping
-   key and sequence item sits, rejecting duplicate keys (PyYAML would keep the last silently) and
-   expanding ``${NAME}`` / ``${NAME:-default}`` from the environment in string values (``$${`` is
-   a literal ``${``; mapping keys are never expanded). The default applies when the variable is
-   unset or empty, as in the shell; defaults cannot nest.
+1. Read each file (regular files only, at most 4 MiB each and 16 MiB in all: ``files``) and
+   parse it into plain values (``yamldoc``: duplicate keys, ``${NAME}`` expansion, bounded
+   nesting and aliases), recording where every mapping key and sequence item sits.
 2. Follow ``include:`` (paths relative to the including file; for ``parse_config_text`` relative
    to the directory of ``filename``, so the current directory for ``"<string>"``), and merge:
    ``routes`` and ``keys`` are concatenated (main file first, then includes depth first, in
    order), ``upstreams`` and ``models`` are merged by name, every other section is set by one
    file only. Positions follow the merge, so ``routes[5].path`` still points into its own file.
-3. Validate with pydantic, then run ``checks.check_config`` (only when pydantic accepted the
-   config and every file was read, else it would report the consequences of earlier errors).
+   An include must resolve, symlinks followed, inside the main file's directory (or the
+   directory a symlinked main file really is in: a Kubernetes ConfigMap mounts files as symlinks
+   into a ``..data`` directory beside them), unless the main file says ``include_outside: true``.
+3. Validate with pydantic entry by entry (each route, key, upstream and model, each other
+   section), then run ``checks.check_config`` over the entries that are valid, so field errors
+   and cross-reference errors are reported together. A reference to an entry that is itself
+   invalid is not reported: its own error is. The checks wait only for files that could not be
+   read or parsed, since the missing entries would make every reference to them look dangling.
+4. A config read from files must declare ``routes`` in some file: a file caught between an
+   editor's truncate and its write reads as empty, and an empty config would answer every request
+   with 404. ``routes: []`` declares that no route is meant.
 
 Upstream keys come from the environment, so no message ever carries an expanded value: pydantic's
 ``input`` is never printed, and, as a second line of defence, text taken from the environment is
@@ -24,35 +31,47 @@ without surrounding whitespace, the form the model keeps.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import ErrorDetails
 
-from gateway.config.checks import KeyPath, check_config, format_path, parse_path
-from gateway.config.model import GatewayConfig
+from gateway.config.checks import KeyPath, Unverified, check_config, format_path, parse_path
+from gateway.config.files import MAX_FILE_BYTES, MAX_TOTAL_BYTES, FileStamp, read_config_file
+from gateway.config.model import ApiKey, GatewayConfig, Route
+from gateway.config.yamldoc import parse_yaml
 
-__all__ = ["ConfigError", "ConfigIssue", "load_config", "parse_config_text"]
+__all__ = [
+    "INCLUDE_OUTSIDE",
+    "ConfigError",
+    "ConfigIssue",
+    "ConfigSnapshot",
+    "load_config",
+    "load_config_files",
+    "parse_config_text",
+    "read_config",
+]
 
 Where = tuple[str, int | None]
 
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_STR_TAG = "tag:yaml.org,2002:str"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
-_LISTS = frozenset({"routes", "keys"})
+# The main file's switch that lets includes leave its directory. It is the loader's, not a
+# section of the config: it decides which files are read before there is a config to validate.
+INCLUDE_OUTSIDE = "include_outside"
+_LISTS: dict[str, type[BaseModel]] = {"routes": Route, "keys": ApiKey}
 _TABLES = {"upstreams": "upstream", "models": "model"}
-# Environment values at least this long never appear in a message; shorter ones would make
-# unrelated words disappear. Upstream credentials, headers and query are redacted from 3.
-_REDACT_FROM = 8
-_REDACT_SECRETS_FROM = 3
-_SECRET_SECTIONS = (("auth",), ("headers",), ("query",))
+# What a failed entry of a list still tells the cross-checks: the route's name, the key's team.
+_NAMED = {"routes": "name", "keys": "team"}
+_NO_ROUTES = (
+    "no routes: every request would get 404. A file caught between an editor's truncate and its "
+    "write reads as empty, so a config without routes is refused; write 'routes: []' to serve "
+    "none on purpose"
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,19 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(issue) for issue in self.errors))
 
 
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """One reading of a config: the config or the error, and exactly which bytes were read."""
+
+    config: GatewayConfig | None
+    error: ConfigError | None
+    stamps: tuple[FileStamp, ...]  # every file named, in the order read; unreadable ones too
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(stamp.file for stamp in self.stamps)
+
+
 def load_config(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
@@ -88,53 +120,156 @@ def load_config_files(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> tuple[GatewayConfig, tuple[str, ...]]:
     """Like :func:`load_config`, also naming every file read (for reload on change)."""
+    snapshot = read_config(path, env)
+    if snapshot.config is None:
+        assert snapshot.error is not None
+        raise snapshot.error
+    return snapshot.config, snapshot.files
+
+
+def read_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> ConfigSnapshot:
+    """Read, parse and validate the config at ``path``; never raises ``ConfigError``."""
     file = os.fspath(path)
-    text = _read(file)
-    if isinstance(text, OSError | UnicodeDecodeError):
-        raise ConfigError([ConfigIssue(file, None, "", _cannot_read(text))])
-    session = _Session(os.environ if env is None else env)
-    session.add(text, file, ((os.path.realpath(file), file),))
-    return session.finish(), tuple(session.files)
+    session = _Session(os.environ if env is None else env, _roots(file), require_routes=True)
+    with _no_collection():
+        data = session.read(file)
+        if isinstance(data, str):
+            session.issues.append(ConfigIssue(file, None, "", f"cannot read: {data}"))
+        else:
+            session.add(data, file, ((os.path.realpath(file), file),))
+        config, error = session.finish()
+        session.release()
+    return ConfigSnapshot(config, error, tuple(session.stamps))
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """Cyclic garbage collection paused while a config is built.
+
+    Everything a load allocates stays alive until it ends, so collections during it find nothing
+    to free; with a large config they were a third of the time. Left as it is if already paused
+    (the reloader pauses it for longer).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def parse_config_text(
     text: str, filename: str = "<string>", env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
-    """Parse ``text`` as if read from ``filename``; includes are relative to its directory."""
-    session = _Session(os.environ if env is None else env)
-    session.add(text, filename, ((os.path.realpath(filename), filename),))
-    return session.finish()
+    """Parse ``text`` as if read from ``filename``; includes are relative to its directory.
+
+    Unlike a file, text in memory cannot be caught half-written, so it may leave out ``routes``.
+    """
+    session = _Session(os.environ if env is None else env, _roots(filename))
+    data = text.encode()
+    if len(data) > MAX_FILE_BYTES:
+        problem = f"it is {len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes"
+        session.issues.append(ConfigIssue(filename, None, "", f"cannot read: {problem}"))
+    else:
+        session.total = len(data)
+        session.add(data, filename, ((os.path.realpath(filename), filename),))
+    config, error = session.finish()
+    if config is None:
+        assert error is not None
+        raise error
+    return config
+
+
+def _roots(main: str) -> tuple[str, ...]:
+    """The directories includes may resolve into: the main file's, and the one it is really in
+    when it is a symlink (a ConfigMap's ``gateway.yaml -> ..data/gateway.yaml``)."""
+    named = os.path.realpath(os.path.dirname(os.path.abspath(main)))
+    real = os.path.dirname(os.path.realpath(main))
+    return (named,) if real == named else (named, real)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 @dataclass
 class _Document:
-    """One parsed file: plain values plus where each key path was written."""
+    """One parsed file (or the merge of all): plain values plus where each key path was
+    written. ``lines`` holds lines in ``file``, except under a prefix that ``origin`` maps to
+    another file (entries merged from an include)."""
 
     file: str
     data: dict[str, object]
-    where: dict[KeyPath, Where]
+    lines: dict[KeyPath, int]
     failed: set[KeyPath]  # paths whose value is already reported (pydantic would repeat it)
+    origin: dict[KeyPath, str] = field(default_factory=dict)
+
+    def where(self, path: KeyPath) -> Where:
+        """The file and line of ``path``, or of the nearest enclosing key path that has one."""
+        file = self.file
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.origin:
+                file = self.origin[path[:n]]
+                break
+        lines = self.lines
+        for n in range(len(path), -1, -1):
+            line = lines.get(path[:n])
+            if line is not None:
+                return file, line or None
+        return file, None
 
 
 @dataclass
 class _Session:
     env: Mapping[str, str]
+    roots: tuple[str, ...]
+    require_routes: bool = False
     issues: list[ConfigIssue] = field(default_factory=list)
     documents: list[_Document] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)  # environment value -> its name
     complete: bool = True  # every file was read and parsed
-    files: list[str] = field(default_factory=list)  # in the order they were read
+    stamps: list[FileStamp] = field(default_factory=list)  # in the order they were read
     included_at: dict[str, str] = field(default_factory=dict)  # real path -> "file:line"
+    include_outside: bool = False
+    total: int = 0  # bytes read so far
 
-    def add(self, text: str, file: str, chain: tuple[tuple[str, str], ...]) -> None:
+    def read(self, file: str) -> bytes | str:
+        """The bytes of ``file``, or why they cannot be read (a missing file, a FIFO, a size
+        limit); every file is stamped, so that the reloader watches it even while missing."""
+        data, stamp = read_config_file(file)
+        self.stamps.append(stamp)
+        if isinstance(data, bytes):
+            self.total += len(data)
+            if self.total > MAX_TOTAL_BYTES:
+                return (
+                    f"the config files together are over the limit of {MAX_TOTAL_BYTES:,} "
+                    f"bytes ({MAX_TOTAL_BYTES // (1024 * 1024)} MiB)"
+                )
+        return data
+
+    def add(self, data: bytes, file: str, chain: tuple[tuple[str, str], ...]) -> None:
         """Parse ``file`` and, depth first, what it includes; ``chain`` holds the (real path,
         name) of the files including it, to stop cycles."""
-        self.files.append(file)
-        document = _Builder(file, self).parse(text)
-        if document is None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            self.complete = False
+            self.issues.append(ConfigIssue(file, None, "", f"cannot read: {error}"))
+            return
+        parsed = parse_yaml(text, self.env)
+        self.secrets.update(parsed.secrets)
+        for line, path, message in parsed.problems:
+            self.issues.append(ConfigIssue(file, line, format_path(path), message))
+        if parsed.data is None:
             self.complete = False
             return
+        document = _Document(file, parsed.data, parsed.lines, parsed.failed)
         self.documents.append(document)
+        self._include_outside(document, main=len(chain) == 1)
         for index, item in _includes(document, self):
             child = os.path.normpath(os.path.join(os.path.dirname(file), item))
             real = os.path.realpath(child)
@@ -145,51 +280,103 @@ class _Session:
                 problem = "include cycle: " + " -> ".join([*names, child])
             elif real in self.included_at:
                 problem = f"{child!r} is already included at {self.included_at[real]}"
+            elif not self.include_outside and not any(_inside(real, r) for r in self.roots):
+                problem = (
+                    f"{child!r} is outside the main config file's directory "
+                    f"({self.roots[0]}); set '{INCLUDE_OUTSIDE}: true' in the main file to "
+                    "include it anyway"
+                )
             else:
-                text_or_error = _read(child)
-                if isinstance(text_or_error, str):
-                    self.included_at[real] = _at(document.where[("include", index)])
-                    self.add(text_or_error, child, (*chain, (real, child)))
+                content = self.read(child)
+                if isinstance(content, bytes):
+                    self.included_at[real] = _at(document.where(("include", index)))
+                    self.add(content, child, (*chain, (real, child)))
                     continue
-                problem = _cannot_read(text_or_error, child)
+                problem = f"cannot read {child!r}: {content}"
             self.complete = False
             self.report(document, ("include", index), problem)
 
+    def _include_outside(self, document: _Document, *, main: bool) -> None:
+        if INCLUDE_OUTSIDE not in document.data:
+            return
+        value = document.data[INCLUDE_OUTSIDE]
+        if not main:
+            message = "only the main config file may set it"
+        elif not isinstance(value, bool):
+            message = "must be true or false"
+        else:
+            self.include_outside = value  # kept in the data: the model documents the field
+            return
+        del document.data[INCLUDE_OUTSIDE]  # reported here, not again by the merge
+        self.report(document, (INCLUDE_OUTSIDE,), message)
+
     def report(self, document: _Document, path: KeyPath, message: str) -> None:
-        file, line = _nearest(document.where, path, (document.file, None))
+        file, line = document.where(path)
         self.issues.append(ConfigIssue(file, line, format_path(path), message))
 
-    def finish(self) -> GatewayConfig:
+    def finish(self) -> tuple[GatewayConfig | None, ConfigError | None]:
         config = None
         if self.documents:
             merged = _merge(self.documents, self)
             config = self._validate(merged)
+            if (
+                self.require_routes
+                and self.complete
+                and not any("routes" in document.data for document in self.documents)
+            ):
+                self.issues.append(ConfigIssue(self.documents[0].file, None, "", _NO_ROUTES))
         if self.issues or config is None:
-            raise ConfigError(self._ordered())
-        return config
+            return None, ConfigError(self._ordered())
+        return config, None
 
     def _validate(self, merged: _Document) -> GatewayConfig | None:
-        problems: list[tuple[KeyPath, str]] = []
-        config = None
-        try:
-            config = GatewayConfig.model_validate(merged.data)
-        except ValidationError as error:
-            details = error.errors(include_url=False, include_input=False)
-            problems = _pydantic_problems(details, merged.data)
-        if config is not None and self.complete:
+        """Every pydantic problem and, over the entries that are valid, every cross-reference
+        problem; the config if there are none."""
+        entries = _Entries(merged.data)
+        problems = list(entries.problems)
+        if self.complete and entries.partial is not None:
+            index = entries.index
 
-            def locate(path: str) -> str:
-                return _at(_nearest(merged.where, parse_path(path), (merged.file, None)))
+            def original(path: KeyPath) -> KeyPath:
+                if len(path) > 1 and path[0] in index and isinstance(path[1], int):
+                    return (path[0], index[str(path[0])][path[1]], *path[2:])
+                return path
 
-            checked = check_config(config, locate)
-            problems = [(parse_path(path), message) for path, message in checked]
+            def locate(text: str) -> str:
+                return _at(merged.where(original(parse_path(text))))
+
+            for text, message in check_config(entries.partial, locate, entries.unverified):
+                problems.append((original(parse_path(text)), message))
         for path, message in problems:
             if not any(path[:n] in merged.failed for n in range(len(path) + 1)):
                 self.report(merged, path, message)
-        return config
+        return entries.config if not problems else None
+
+    def release(self) -> None:
+        """Free the parsed files piece by piece.
+
+        Dropped at once, the values and positions of a large config (a quarter of a million
+        entries) are freed in one C call that holds the GIL for tens of milliseconds; item by
+        item, a reload in a thread lets the event loop in between.
+        """
+        for document in self.documents:
+            for value in document.data.values():
+                if isinstance(value, list):
+                    while value:
+                        value.pop()
+                elif isinstance(value, dict):
+                    while value:
+                        value.popitem()
+            document.data.clear()
+            lines = document.lines
+            while lines:
+                lines.popitem()
+        self.documents.clear()
 
     def _ordered(self) -> list[ConfigIssue]:
-        rank = {file: i for i, file in enumerate(self.files)}
+        rank: dict[str, int] = {}
+        for stamp in self.stamps:
+            rank.setdefault(stamp.file, len(rank))
         issues = sorted(self.issues, key=lambda i: (rank.get(i.file, -1), i.line or 0))
         for value, name in sorted(self.secrets.items(), key=lambda item: -len(item[0])):
             # Case-insensitive: a validator may have upper-cased the value (HTTP methods).
@@ -200,176 +387,87 @@ class _Session:
         return issues
 
 
-class _Builder:
-    """Builds one file's plain values from PyYAML's node tree, recording positions."""
+class _Entries:
+    """The merged data validated entry by entry.
 
-    def __init__(self, file: str, session: _Session) -> None:
-        self.file = file
-        self.session = session
-        self.document = _Document(file, {}, {(): (file, None)}, set())
-        self.active: set[int] = set()  # collection nodes being built, to stop recursive aliases
+    Pydantic validates a whole config in one call that holds the GIL for its whole length (a
+    tenth of a second for 10,000 keys) and, when anything fails, returns no part of the result.
+    Entry by entry, the event loop gets its turns during a reload, and the entries that are
+    valid can be cross-checked at once.
+    """
 
-    def parse(self, text: str) -> _Document | None:
-        try:
-            loader = yaml.SafeLoader(text)
-        except yaml.YAMLError as error:  # a reader error: control characters
-            self.session.issues.append(ConfigIssue(self.file, None, "", f"YAML: {error}"))
-            return None
-        try:
-            root = loader.get_single_node()
-            if root is not None:
-                data = self.build(root, (), loader)
-                if not isinstance(data, dict):
-                    self.fail(root, (), "the top level must be a mapping of sections")
-                    return None
-                self.document.data = data
-            return self.document
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark or error.context_mark
-            line = None if mark is None else mark.line + 1
-            problem = error.problem or "syntax error"
-            if error.context:  # PyYAML's context reads before a problem starting "but ..."
-                but = problem.startswith("but ")
-                problem = f"{error.context} {problem}" if but else f"{problem} ({error.context})"
-            self.session.issues.append(ConfigIssue(self.file, line, "", f"YAML: {problem}"))
-            return None
-        except yaml.YAMLError as error:
-            self.session.issues.append(ConfigIssue(self.file, None, "", f"YAML: {error}"))
-            return None
-        finally:
-            loader.dispose()
-
-    def fail(self, node: yaml.Node, path: KeyPath, message: str, *, dropped: bool = True) -> None:
-        """Report a problem at ``node``; ``dropped``: its value is lost, so pydantic's complaints
-        about the path would only repeat this one."""
-        line = node.start_mark.line + 1
-        self.session.issues.append(ConfigIssue(self.file, line, format_path(path), message))
-        if dropped:
-            self.document.failed.add(path)
-
-    def build(self, node: yaml.Node, path: KeyPath, loader: yaml.SafeLoader) -> object:
-        if isinstance(node, yaml.ScalarNode):
-            return self.scalar(node, path, loader)
-        problem = None
-        if id(node) in self.active:
-            problem = "an alias refers to a node that contains it"
-        elif node.tag not in (_MAP_TAG, _SEQ_TAG):
-            problem = f"unsupported tag {node.tag!r}"
-        if problem is not None:
-            self.fail(node, path, problem)
-            return None
-        self.active.add(id(node))
-        try:
-            if isinstance(node, yaml.SequenceNode):
-                items = []
-                for i, item in enumerate(node.value):
-                    self.document.where[(*path, i)] = (self.file, item.start_mark.line + 1)
-                    items.append(self.build(item, (*path, i), loader))
-                return items
-            assert isinstance(node, yaml.MappingNode)
-            return self.mapping(node, path, loader)
-        finally:
-            self.active.discard(id(node))
-
-    def mapping(
-        self, node: yaml.MappingNode, path: KeyPath, loader: yaml.SafeLoader
-    ) -> dict[str, object]:
-        result: dict[str, object] = {}
-        lines: dict[str, int] = {}
-        merges = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merges.append(value_node)
-                continue
-            line = key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.fail(key_node, path, "a mapping key must be a plain name", dropped=False)
-                continue
-            key = key_node.value  # keys are names: their text, never true/1/null or ${...}
-            if key in lines:
-                message = f"duplicate key (lines {lines[key]} and {line})"
-                self.fail(key_node, (*path, key), message, dropped=False)
-                continue
-            lines[key] = line
-            self.document.where[(*path, key)] = (self.file, line)
-            result[key] = self.build(value_node, (*path, key), loader)
-        for merge_node in merges:  # YAML's "<<: *defaults"; the mapping's own keys win
-            sources = (
-                merge_node.value if isinstance(merge_node, yaml.SequenceNode) else [merge_node]
-            )
-            for source in sources:
-                if not isinstance(source, yaml.MappingNode):
-                    message = "'<<' needs a mapping or a list of mappings"
-                    self.fail(source, path, message, dropped=False)
-                    continue
-                outer, self.document.where = self.document.where, {}
-                merged = self.mapping(source, path, loader)
-                inner, self.document.where = self.document.where, outer
-                for key, value in merged.items():
-                    if key not in result:
-                        result[key] = value
-                        prefix = (*path, key)
-                        self.document.where.update(
-                            (p, w) for p, w in inner.items() if p[: len(prefix)] == prefix
-                        )
-        return result
-
-    def scalar(self, node: yaml.ScalarNode, path: KeyPath, loader: yaml.SafeLoader) -> object:
-        try:
-            value = loader.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError) as error:
-            problem = getattr(error, "problem", None) or f"invalid value: {error}"
-            self.fail(node, path, str(problem))
-            return None
-        if not isinstance(value, str) or node.tag != _STR_TAG:
-            return value
-        return self.expand(value, node, path)
-
-    def expand(self, text: str, node: yaml.Node, path: KeyPath) -> str:
-        problems: list[str] = []
-
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.groups()
-            if match.group() == "$${":
-                return "${"
-            if name is None:
-                problems.append(
-                    "a '${' must start ${NAME} or ${NAME:-default}; write $${ for a literal '${'"
+    def __init__(self, data: dict[str, object]) -> None:
+        self.problems: list[tuple[KeyPath, str]] = []
+        self.index: dict[str, list[int]] = {}  # list section -> original index of each valid item
+        valid: dict[str, object] = {}
+        unverified: dict[str, frozenset[str] | None] = {}
+        for section, value in data.items():
+            if section in _LISTS and isinstance(value, list):
+                model = _LISTS[section]
+                items: list[BaseModel] = []
+                index: list[int] = []
+                failed: set[str] = set()
+                for i, item in enumerate(value):
+                    entry = self._one(model, item, (section, i), data)
+                    if entry is None:
+                        name = item.get(_NAMED[section]) if isinstance(item, dict) else None
+                        failed.add(name if isinstance(name, str) else "")
+                    else:
+                        items.append(entry)
+                        index.append(i)
+                valid[section] = tuple(items)
+                self.index[section] = index
+                unverified["teams" if section == "keys" else section] = frozenset(failed)
+            elif section in _TABLES and isinstance(value, dict):
+                adapter: TypeAdapter[Any] = TypeAdapter(
+                    GatewayConfig.model_fields[section].annotation
                 )
-                return ""
-            value = self.session.env.get(name)
-            if default is not None and not value:
-                return default
-            if value is None:
-                problems.append(f"environment variable {name} is not set")
-                return ""
-            secret = path[:1] == ("upstreams",) and path[2:3] in _SECRET_SECTIONS
-            shortest = _REDACT_SECRETS_FROM if secret else _REDACT_FROM
-            # The model strips whitespace from every string, secrets included, so a value
-            # exported with a trailing newline is used, and shown in messages, without it.
-            # Python's strip removes at least what pydantic's does, so its result is inside
-            # whatever the model keeps.
-            for form in (value, value.strip()):
-                if len(form) >= shortest:
-                    self.session.secrets[form] = name
-            return value
+                table: dict[str, BaseModel] = {}
+                failed = set()
+                for name, item in value.items():
+                    entry = self._one(adapter, {name: item}, (section,), data)
+                    if entry is None:
+                        failed.add(name)
+                    else:
+                        table.update(entry)
+                valid[section] = table
+                unverified[section] = frozenset(failed)
+            else:
+                entry = self._one(GatewayConfig, {section: value}, (), data)
+                if entry is not None:
+                    valid[section] = getattr(entry, section)
+                elif section in ("routes", "upstreams", "models"):
+                    unverified[section] = None
+                elif section == "keys":
+                    unverified["teams"] = None
+                elif section == "allow_unlisted_models":
+                    unverified["models"] = None
+        self.unverified = Unverified(**unverified)
+        self.partial: GatewayConfig | None = None
+        self.config: GatewayConfig | None = None
+        try:
+            self.partial = GatewayConfig.model_validate(valid)
+        except ValidationError as error:  # a rule about the whole config (none today)
+            self._problems(error, (), data)
+        if not self.problems:
+            self.config = self.partial
 
-        expanded = _REFERENCE.sub(substitute, text)
-        for problem in dict.fromkeys(problems):
-            self.fail(node, path, problem)
-        return expanded
+    def _one(self, model: Any, item: object, where: KeyPath, data: object) -> Any:
+        try:
+            return (
+                model.validate_python(item)
+                if isinstance(model, TypeAdapter)
+                else (model.model_validate(item))
+            )
+        except ValidationError as error:
+            self._problems(error, where, data)
+            return None
 
-
-def _read(file: str) -> str | OSError | UnicodeDecodeError:
-    try:
-        return Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        return error
-
-
-def _cannot_read(error: OSError | UnicodeDecodeError, file: str | None = None) -> str:
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return f"cannot read {file!r}: {reason}" if file else f"cannot read: {reason}"
+    def _problems(self, error: ValidationError, where: KeyPath, data: object) -> None:
+        details = error.errors(include_url=False, include_input=False)
+        for detail in details:
+            detail["loc"] = (*where, *detail["loc"])
+        self.problems.extend(_pydantic_problems(details, data))
 
 
 def _includes(document: _Document, session: _Session) -> list[tuple[int, str]]:
@@ -392,34 +490,39 @@ def _includes(document: _Document, session: _Session) -> list[tuple[int, str]]:
 
 def _merge(documents: list[_Document], session: _Session) -> _Document:
     """One document holding every file's sections, with positions moved along with the values."""
-    merged = _Document(documents[0].file, {}, {(): (documents[0].file, None)}, set())
+    main = documents[0]
+    # The main file's positions are the merge's (the main file is not reported on afterwards):
+    # copying them would cost as much as a large file has keys.
+    merged = _Document(main.file, {}, main.lines, set(main.failed))
     data = merged.data
     for document in documents:
+        moves = _Moves(document, merged)
         for key, value in document.data.items():
-            if key == "include" and document is not documents[0]:
+            if key == "include" and document is not main:
                 continue
-            first = merged.where.get((key,), (merged.file, None))
+            first = merged.where((key,))
             if key not in data:
                 copied = list(value) if isinstance(value, list) else value
                 data[key] = dict(copied) if isinstance(copied, dict) else copied
-                _move(document, merged, (key,), (key,))
+                if document is not main:
+                    moves.move((key,), (key,))
             elif key in _LISTS and isinstance(value, list) and isinstance(data[key], list):
                 items = data[key]
                 assert isinstance(items, list)
                 for i, item in enumerate(value):
-                    _move(document, merged, (key, i), (key, len(items)))
+                    moves.move((key, i), (key, len(items)))
                     items.append(item)
             elif key in _TABLES and isinstance(value, dict) and isinstance(data[key], dict):
                 table = data[key]
                 assert isinstance(table, dict)
                 for name, item in value.items():
                     if name in table:
-                        other = merged.where[(key, name)]
+                        other = merged.where((key, name))
                         message = f"{_TABLES[key]} {name!r} is already defined at {_at(other)}"
                         session.report(document, (key, name), message)
                     else:
                         table[name] = item
-                        _move(document, merged, (key, name), (key, name))
+                        moves.move((key, name), (key, name))
             else:
                 kind = "list" if key in _LISTS else "mapping" if key in _TABLES else ""
                 message = (
@@ -431,25 +534,45 @@ def _merge(documents: list[_Document], session: _Session) -> _Document:
     return merged
 
 
-def _move(source: _Document, target: _Document, old: KeyPath, new: KeyPath) -> None:
-    """Copy the positions (and failures) at and under ``old`` to ``new``."""
-    for path, where in source.where.items():
-        if path[: len(old)] == old:
-            target.where[new + path[len(old) :]] = where
-    for path in source.failed:
-        if path[: len(old)] == old:
-            target.failed.add(new + path[len(old) :])
+class _Moves:
+    """Copies an included document's positions (and failures) into the merge, entry by entry.
+
+    The positions are grouped by their first two keys once, so that moving each of 10,000 keys
+    costs its own positions, not a scan of the whole file.
+    """
+
+    def __init__(self, source: _Document, target: _Document) -> None:
+        self.source = source
+        self.target = target
+        self._groups: dict[KeyPath, list[tuple[KeyPath, int]]] | None = None
+
+    def move(self, old: KeyPath, new: KeyPath) -> None:
+        """Copy the positions (and failures) at and under ``old`` to ``new``."""
+        if self._groups is None:
+            self._groups = {}
+            for path, line in self.source.lines.items():
+                self._groups.setdefault(path[:2], []).append((path, line))
+        n = len(old)
+        lines = self.target.lines
+        groups = (
+            [self._groups.get(old, [])]
+            if n == 2
+            else [entries for prefix, entries in self._groups.items() if prefix[:n] == old]
+        )
+        for entries in groups:
+            if new == old:  # a section only this file sets: its paths stay as they are
+                lines.update(entries)
+                continue
+            for path, line in entries:
+                lines[new + path[n:]] = line
+        self.target.origin[new] = self.source.file
+        for path in self.source.failed:
+            if path[:n] == old:
+                self.target.failed.add(new + path[n:])
 
 
 def _at(where: Where) -> str:
     return where[0] if where[1] is None else f"{where[0]}:{where[1]}"
-
-
-def _nearest(where: Mapping[KeyPath, Where], path: KeyPath, default: Where) -> Where:
-    for n in range(len(path), -1, -1):
-        if path[:n] in where:
-            return where[path[:n]]
-    return default
 
 
 def _pydantic_problems(errors: list[ErrorDetails], data: object) -> list[tuple[KeyPath, str]]:

@@ -153,6 +153,21 @@ class Route(Model):
         "themselves, and the client then receives the upstream's final usage chunk. Default "
         "false.",
     )
+    models_list: bool = Field(
+        False,
+        description="This route lists models (GET /v1/models): the upstream's list is rewritten "
+        "for the caller, keeping only the models its key may call (and, when "
+        "allow_unlisted_models is false, only those in 'models') and adding the model aliases it "
+        "may call. Error responses pass unchanged. Default false.",
+    )
+    model_in_path: str | None = Field(
+        None,
+        description="The path parameter that names a model, such as {model} in "
+        "/v1/models/{model} (GET, DELETE): the key's model list and the model aliases apply to "
+        "it as to a body's 'model' (a model the key may not use is 404 model_not_found), and an "
+        "alias is fetched under the upstream's name and answered with the alias as its 'id'. "
+        "Default none.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -199,6 +214,25 @@ class Route(Model):
                 raise ValueError(
                     f"'upstream_path' uses {sorted(missing)} that the path does not define"
                 )
+        if self.model_in_path is not None:
+            if self.model_in_path not in params:
+                raise ValueError(
+                    f"'model_in_path' names {{{self.model_in_path}}}, which the path does not "
+                    "define"
+                )
+            if self.model_in_path not in pattern_params(self.target_path()):
+                # An alias is fetched under the upstream's name: the name must be in the path.
+                raise ValueError(
+                    f"'model_in_path' needs {{{self.model_in_path}}} in the upstream path"
+                )
+            with_body = sorted(set(self.methods) & {"POST", "PUT", "PATCH"})
+            if with_body:
+                # A body's 'model' would be a second model name: one of the two unchecked.
+                raise ValueError(f"'model_in_path' is for GET and DELETE, not {with_body}")
+            if self.models_list:
+                raise ValueError("a route either lists models or names one in its path")
+        if self.models_list and "GET" not in self.methods:
+            raise ValueError("'models_list' rewrites a GET response: add GET to 'methods'")
         return self
 
     def target_path(self) -> str:
@@ -348,14 +382,29 @@ class RedisSettings(Model):
         None, description="redis:// URL. Default none: limits are kept per process."
     )
     cluster: bool = Field(False, description="Connect as a Redis Cluster client.")
-    timeout_ms: int = Field(50, ge=1, description="Per-call timeout. Default 50 ms.")
+    timeout_ms: int = Field(
+        50,
+        ge=1,
+        description="A call fails when Redis's reply has not reached the gateway's socket this "
+        "long after it was sent (a gateway too busy to read it in time waits on). Default 50 ms.",
+    )
     on_failure: Literal["open", "closed", "local"] = Field(
         "local",
         description="Redis down: 'open' admits (counting locally), 'closed' refuses with 503, "
-        "'local' enforces per-process buckets. Default local.",
+        "'local' enforces per-process buckets, starting from the levels Redis last reported. "
+        "Default local.",
+    )
+    breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Open the breaker (skip Redis) after this many failed calls in a row. "
+        "Default 3.",
     )
     breaker_seconds: float = Field(
-        2.0, gt=0, description="After a failure, skip Redis for this long. Default 2."
+        1.0,
+        gt=0,
+        description="While open, skip Redis for this long; then one request probes it and an "
+        "answer closes the breaker. Default 1.",
     )
 
 
@@ -501,10 +550,20 @@ class GatewayConfig(Model):
     include: tuple[str, ...] = Field(
         (), description="More YAML files (relative to this one) whose lists and tables are merged."
     )
+    include_outside: bool = Field(
+        False,
+        description="Allow includes outside the main config file's directory (by default they "
+        "must resolve inside it, symlinks followed). Only the main file may set it. Default "
+        "false.",
+    )
     server: ServerSettings = Field(default_factory=lambda: ServerSettings())
     redis: RedisSettings = Field(default_factory=lambda: RedisSettings())
     upstreams: dict[Name, Upstream] = Field(default_factory=dict)
-    routes: tuple[Route, ...] = ()
+    routes: tuple[Route, ...] = Field(
+        (),
+        description="The public routes. A config read from files must name 'routes' (write "
+        "'routes: []' to serve none on purpose): a file without it may be one caught mid-write.",
+    )
     models: dict[str, ModelAlias] = Field(
         default_factory=dict, description="Public model name -> upstream and its model name."
     )

@@ -70,8 +70,32 @@ def test_minimal_config_loads_into_frozen_objects_with_defaults(tmp_path: Path) 
         config.routes = ()  # type: ignore[misc]
 
 
-def test_empty_file_is_the_default_config(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "gateway.yaml", "# nothing yet\n"), {}) == GatewayConfig()
+def test_explicitly_empty_routes_is_the_default_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "gateway.yaml", "# nothing yet\nroutes: []\n")
+    assert load_config(path, {}) == GatewayConfig()
+
+
+def test_a_file_without_routes_is_refused_saying_why(tmp_path: Path) -> None:
+    # What a reload reads between an editor's truncate and its write: serving it would answer
+    # every request with 404.
+    for text in ("", "# nothing yet\n", "upstreams: {u: {base_url: 'http://u'}}\n"):
+        path = write(tmp_path, "gateway.yaml", text)
+        assert errors(path, {}) == [
+            f"{path}: no routes: every request would get 404. A file caught between an "
+            "editor's truncate and its write reads as empty, so a config without routes is "
+            "refused; write 'routes: []' to serve none on purpose"
+        ]
+
+
+def test_routes_declared_in_an_include_count(tmp_path: Path) -> None:
+    main = write(tmp_path, "gateway.yaml", "include: [routes.yaml]\n")
+    write(tmp_path, "routes.yaml", "routes: []\n")
+    assert load_config(main, {}).routes == ()
+
+
+def test_text_in_memory_may_leave_routes_out() -> None:
+    # It cannot be caught half-written.
+    assert parse_config_text("", env={}) == GatewayConfig()
 
 
 def test_full_config_loads_every_section(tmp_path: Path) -> None:
@@ -166,6 +190,7 @@ def test_yaml_anchors_aliases_and_merge_keys_are_allowed(tmp_path: Path) -> None
           b:
             <<: *upstream
             base_url: http://b:8000/v1
+        routes: []
         """,
     )
     config = load_config(path, {})
@@ -182,6 +207,7 @@ def test_mapping_keys_are_names_not_yaml_booleans_or_numbers(tmp_path: Path) -> 
         models:
           yes: {upstream: u}
           3.5: {upstream: u}
+        routes: []
         """,
     )
     assert set(load_config(path, {}).models) == {"yes", "3.5"}
@@ -206,6 +232,7 @@ def test_duplicate_mapping_key_reports_both_lines(tmp_path: Path) -> None:
             base_url: http://one
           openai:
             base_url: http://two
+        routes: []
         """,
     )
     assert errors(path) == [f"{path}:4: upstreams.openai: duplicate key (lines 2 and 4)"]
@@ -275,6 +302,7 @@ def test_invalid_value_reports_file_line_and_key_path(tmp_path: Path) -> None:
         upstreams:
           openai:
             base_url: api.openai.com/v1
+        routes: []
         """,
     )
     assert errors(path) == [
@@ -302,7 +330,7 @@ def test_missing_field_points_at_the_list_item(tmp_path: Path) -> None:
 
 
 def test_unknown_key_is_reported_at_its_own_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "gateway.yaml", "server:\n  port: 1\n  prot: 2\nbogus: 1\n")
+    path = write(tmp_path, "gateway.yaml", "server:\n  port: 1\n  prot: 2\nbogus: 1\nroutes: []\n")
     assert errors(path) == [
         f"{path}:3: server.prot: Extra inputs are not permitted",
         f"{path}:4: bogus: Extra inputs are not permitted",
@@ -346,7 +374,11 @@ def test_union_errors_become_one_message(tmp_path: Path) -> None:
 
 
 def test_invalid_upstream_name_is_reported_at_the_name(tmp_path: Path) -> None:
-    path = write(tmp_path, "gateway.yaml", 'upstreams:\n  "my upstream": {base_url: "http://u"}\n')
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        'upstreams:\n  "my upstream": {base_url: "http://u"}\nroutes: []\n',
+    )
     assert errors(path) == [
         f'{path}:2: upstreams["my upstream"]: invalid name: '
         "String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.:-]*$'"
@@ -425,10 +457,77 @@ def test_dangling_references_are_reported_with_lines(tmp_path: Path) -> None:
     ]
 
 
-def test_checks_wait_for_a_valid_config(tmp_path: Path) -> None:
-    # The route's unknown upstream is only reported once the structure is valid.
-    path = write(tmp_path, "gateway.yaml", "routes:\n  - {name: r, path: /r, upstream: x}\nx: 1\n")
-    assert errors(path) == [f"{path}:3: x: Extra inputs are not permitted"]
+def test_field_errors_and_dangling_references_are_reported_in_one_run(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        """\
+        upstreams: {openai: {base_url: "http://u"}}
+        routes:
+          - {name: chat, path: v1/chat, upstream: openai}
+          - {name: embed, path: /v1/embeddings, upstream: opneai}
+        x: 1
+        """,
+    )
+    assert errors(path) == [
+        f"{path}:3: routes[0].path: must start with '/'",
+        f"{path}:4: routes[1].upstream: unknown upstream 'opneai'; defined: openai",
+        f"{path}:5: x: Extra inputs are not permitted",
+    ]
+
+
+def test_references_to_an_invalid_entry_are_left_to_its_own_error(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        f"""\
+        upstreams:
+          openai: {{base_url: "ftp://u"}}
+          local: {{base_url: "http://local/v1"}}
+        routes:
+          - {{name: chat, path: /v1/chat, upstream: openai, methods: [FETCH]}}
+          - {{name: local, path: /v1/local, upstream: openai}}
+        models:
+          gpt: {{upstream: openai}}
+        keys:
+          - {{name: a, hash: "{HASH_A}", routes: [chat, local, gone], team: t}}
+          - {{name: b, hash: "nope", team: research}}
+        limits:
+          teams: {{research: {{}}, t: {{}}}}
+          routes: {{chat: {{}}}}
+        """,
+    )
+    assert errors(path) == [
+        f"{path}:2: upstreams.openai.base_url: "
+        "must be an http:// or https:// URL in ASCII, without credentials, query or fragment "
+        "(credentials go in 'auth')",
+        f"{path}:5: routes[0].methods: unknown method 'FETCH'; use one of GET, POST, PUT, "
+        "PATCH, DELETE, HEAD, OPTIONS",
+        f"{path}:10: keys[0].routes[2]: unknown route 'gone'; defined: local",
+        f"{path}:11: keys[1].hash: must be the key's hash, 'sha256:' and 64 lowercase hex "
+        "digits: run 'gateway keys new NAME' and paste the hash it prints (for an existing "
+        'key: echo "$KEY" | gateway keys hash)',
+    ]
+
+
+def test_indices_in_messages_are_those_of_the_file_when_earlier_entries_are_invalid(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        """\
+        upstreams: {u: {base_url: "http://u"}}
+        routes:
+          - {name: bad, path: nope, upstream: u}
+          - {name: a, path: /v1/chat, upstream: u}
+          - {name: b, path: /v1/chat, upstream: u}
+        """,
+    )
+    assert errors(path) == [
+        f"{path}:3: routes[0].path: must start with '/'",
+        f"{path}:5: routes[2].path: '/v1/chat' is already served by route 'a' ({path}:4)",
+    ]
 
 
 # --- environment variables -------------------------------------------------------------------
@@ -450,6 +549,7 @@ def test_env_substitution_with_defaults_and_escapes(tmp_path: Path) -> None:
               x-template: $${NOT_EXPANDED} and $$ and $5
               x-empty: "${EMPTY}"
               x-default: "${UNSET:-}"
+        routes: []
         """,
     )
     env = {"PORT": "9000", "HOST": "", "UPSTREAM_HOST": "vllm", "EMPTY": ""}
@@ -483,6 +583,7 @@ def test_missing_env_var_is_reported_by_name_once(tmp_path: Path) -> None:
             base_url: ${OPENAI_BASE_URL}
             auth:
               key: ${OPENAI_API_KEY}
+        routes: []
         """,
     )
     # base_url would also fail validation as an empty string; that would only repeat the cause.
@@ -493,7 +594,7 @@ def test_missing_env_var_is_reported_by_name_once(tmp_path: Path) -> None:
 
 
 def test_malformed_reference_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path, "gateway.yaml", "server:\n  host: ${HOST\n")
+    path = write(tmp_path, "gateway.yaml", "server:\n  host: ${HOST\nroutes: []\n")
     assert errors(path) == [
         f"{path}:2: server.host: a '${{' must start ${{NAME}} or ${{NAME:-default}}; "
         "write $${ for a literal '${'"
@@ -502,7 +603,9 @@ def test_malformed_reference_is_an_error(tmp_path: Path) -> None:
 
 def test_keys_are_not_expanded(tmp_path: Path) -> None:
     path = write(
-        tmp_path, "gateway.yaml", 'upstreams: {u: {base_url: "http://u", query: {"${H}": v}}}\n'
+        tmp_path,
+        "gateway.yaml",
+        'upstreams: {u: {base_url: "http://u", query: {"${H}": v}}}\nroutes: []\n',
     )
     assert load_config(path, {}).upstreams["u"].query == {"${H}": "v"}
 
@@ -715,6 +818,7 @@ def test_duplicate_upstream_across_files_names_both_files_and_lines(tmp_path: Pa
         include: [more.yaml]
         upstreams:
           openai: {base_url: "http://one"}
+        routes: []
         """,
     )
     more = write(
@@ -726,7 +830,7 @@ def test_duplicate_upstream_across_files_names_both_files_and_lines(tmp_path: Pa
 
 
 def test_single_sections_may_be_set_in_one_file_only(tmp_path: Path) -> None:
-    main = write(tmp_path, "gateway.yaml", "include: [a.yaml]\nserver: {port: 1}\n")
+    main = write(tmp_path, "gateway.yaml", "include: [a.yaml]\nserver: {port: 1}\nroutes: []\n")
     included = write(tmp_path, "a.yaml", "redis: {}\nserver: {port: 2}\n")
     assert errors(main) == [
         f"{included}:2: server: already set at {main}:2; set it in one file only"
@@ -773,9 +877,9 @@ def test_missing_included_file_is_reported_at_the_include_line(tmp_path: Path) -
 
 
 def test_include_must_be_a_list_of_paths(tmp_path: Path) -> None:
-    main = write(tmp_path, "gateway.yaml", "include: a.yaml\n")
+    main = write(tmp_path, "gateway.yaml", "include: a.yaml\nroutes: []\n")
     assert errors(main) == [f"{main}:1: include: must be a list of file paths"]
-    main.write_text("include: [a.yaml, 3]\n")
+    main.write_text("include: [a.yaml, 3]\nroutes: []\n")
     write(tmp_path, "a.yaml", "{}\n")
     assert errors(main) == [f"{main}:1: include[1]: must be a file path"]
 
