@@ -226,6 +226,14 @@ class Gateway:
             "store": "redis" if runtime.config.redis.url else "local (per process)",
             "degraded_decisions": stats.degraded,
             "redis_errors": stats.redis_errors,
+            # closed, open or half-open; and the last failure's class and Unix time only: its
+            # text may name hosts, and anyone may call /readyz.
+            "breaker": stats.breaker if runtime.config.redis.url else None,
+            "last_error": (
+                None
+                if stats.last_error is None
+                else {"type": stats.last_error, "at": stats.last_error_at}
+            ),
         }
         body["connections"] = self.connection_stats.as_dict()
         bodies = self.body_budget

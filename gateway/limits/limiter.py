@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from gateway.limits.buckets import Decision, Plan
+
+# closed: Redis decides; open: Redis is skipped (on_failure decides) until a probe is due;
+# half-open: one request is probing Redis, the others still fall back.
+BreakerState = Literal["closed", "open", "half-open"]
 
 
 @dataclass(slots=True)
 class LimiterStats:
     """Counters a metrics endpoint can read. ``degraded`` counts decisions made without Redis
-    (breaker open, Redis failing): non-zero growth means the limits are per process."""
+    (breaker open, Redis failing): non-zero growth means the limits are per process.
+    ``last_error`` is the class name of Redis's last failure (``ConnectionError``,
+    ``TimeoutError``...), never its text, which may name hosts; ``last_error_at`` its Unix time."""
 
     admitted: int = 0
     refused: int = 0
     degraded: int = 0
     redis_errors: int = 0
     breaker_trips: int = 0
+    breaker: BreakerState = "closed"
     last_error: str | None = None
+    last_error_at: float | None = None
 
 
 class Limiter(Protocol):

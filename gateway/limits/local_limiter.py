@@ -2,18 +2,22 @@
 
 The embedded default when no Redis is configured, and the fallback when Redis fails
 (``on_failure: local``, and the counting behind ``open``). Its buckets hold per process: with N
-workers a key gets up to N times its limits. Memory is bounded: past ``max_buckets`` the full
-buckets are dropped (a missing bucket is a full one, so this changes nothing), then the least
-recently written ones (which forgives their debt: acceptable for a per-process fallback).
+workers a key gets up to N times its limits. As a fallback it starts from the levels Redis last
+reported for the buckets (``observe``), not from full ones: a key Redis had drained stays
+drained, rather than getting a fresh burst in every process on top of what Redis admitted.
+
+Memory is bounded: past ``max_buckets`` the full buckets are dropped (a missing bucket is a full
+one, so this changes nothing), then the least recently written ones (which forgives their debt:
+acceptable for a per-process fallback).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from gateway.limits.buckets import Decision, Plan
+from gateway.limits.buckets import BucketSet, Decision, Plan
 from gateway.limits.limiter import LimiterStats
 from gateway.limits.lua import NEVER_TTL_MS
 
@@ -113,6 +117,18 @@ class LocalLimiter:
             v = min(float(cap), v - delta)
             if v < cap:
                 states[b.key] = [v, now, cap, rate]
+        if len(states) > self._max:
+            self._shrink(now)
+
+    def observe(self, bucket_set: BucketSet, levels: Sequence[int]) -> None:
+        """Set the buckets to the levels the shared store just reported for them (its
+        ``remaining``, floored: this side of exact), refilling from now on."""
+        now = self._clock() * 1000.0
+        states = self._buckets
+        for b, level in zip(bucket_set.buckets, levels, strict=False):
+            states.pop(b.key, None)  # re-insert: dict order is write order (LRU)
+            if level < b.capacity:  # a missing bucket is a full one
+                states[b.key] = [float(level), now, b.capacity, b.per_second / 1000.0]
         if len(states) > self._max:
             self._shrink(now)
 

@@ -2,9 +2,9 @@
 
 Each bucket is a hash ``{v: level, t: time of that level in ms}``; a missing hash is a full
 bucket, so a key expires exactly when its bucket would be full again. The clock is Redis' own
-``TIME`` (DESIGN §3): the gateways' clocks never meet the state. Both scripts only touch the
-keys they are given, and the planner puts all of one request's keys in one hash slot, so they run
-unchanged on Redis Cluster.
+``TIME``: the gateways' clocks never meet the state, so their skew cannot move a bucket. Both
+scripts only touch the keys they are given, and the planner puts all of one request's keys in
+one hash slot, so they run unchanged on Redis Cluster.
 
 Commands are built as ``EVALSHA <sha> <n> <keys...> <static args...> <per-call arg>``: everything
 but the last argument is fixed per bucket set, so the planner builds the tuple once and an

@@ -58,3 +58,37 @@ def test_force_counts_but_admits() -> None:
     assert [d.remaining for d in decisions] == [(0,), (-1,), (-2,)]
     assert all(d.degraded for d in decisions)
     assert limiter.stats.admitted == 3
+
+
+def test_observed_levels_are_where_the_buckets_continue_from() -> None:
+    # What the Redis limiter does with every answer, so that its fallback does not start
+    # from full buckets for keys Redis has been counting.
+    clock = FakeClock()
+    limiter = LocalLimiter(clock=clock)
+    key = make_key("demo", limits=limits(60, 600, request_burst=10))
+    plan = plan_for(key, 100)
+    limiter.observe(plan.buckets, (1, 150))
+    decision = limiter.admit_now(plan)
+    assert decision.allowed
+    assert decision.remaining == (0, 50)
+    assert not limiter.admit_now(plan).allowed  # both short now
+    clock.now += 1.0  # one request and 10 tokens refill a second
+    assert limiter.admit_now(plan_for(key, 60)).remaining == (0, 0)
+
+
+def test_an_observed_full_bucket_keeps_no_state() -> None:
+    limiter = LocalLimiter(clock=FakeClock())
+    plan = plan_for(make_key("demo", limits=limits(60, request_burst=3)))
+    limiter.observe(plan.buckets, (1,))
+    assert len(limiter) == 1
+    limiter.observe(plan.buckets, (3,))
+    assert len(limiter) == 0  # a missing bucket is a full one
+    assert limiter.admit_now(plan).remaining == (2,)
+
+
+def test_observing_stays_within_the_memory_bound() -> None:
+    limiter = LocalLimiter(max_buckets=10, clock=FakeClock())
+    for i in range(100):
+        plan = plan_for(make_key(f"k{i}", limits=limits(1, request_burst=5)))
+        limiter.observe(plan.buckets, (0,))
+        assert len(limiter) <= 10

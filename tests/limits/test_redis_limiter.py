@@ -161,28 +161,36 @@ async def test_redis_dies_then_the_failure_mode_applies_and_recovery_is_automati
         healthy = await limiter.admit(plan)
         assert healthy.allowed
         assert not healthy.degraded
+        assert healthy.remaining == (2,)
 
         redis_server.stop()
-        decisions = [await limiter.admit(plan)]  # this one finds out
-        assert limiter.breaker_open
-        decisions += await timed_admissions(limiter, plan, 4)
+        # Three failures in a row (breaker_failures) open the breaker; each falls back alone.
+        decisions = []
+        states = []
+        for _ in range(3):
+            decisions.append(await limiter.admit(plan))
+            states.append(limiter.breaker)
+        assert states == ["closed", "closed", "open"]
+        decisions += await timed_admissions(limiter, plan, 2)
         assert all(d.degraded for d in decisions)
         if mode == "open":  # admitted, and counted locally so the headers mean something
             assert [d.allowed for d in decisions] == [True] * 5
-            assert [d.remaining for d in decisions] == [(2,), (1,), (0,), (-1,), (-2,)]
+            # Counted on from the 2 Redis left, not from a full bucket.
+            assert [d.remaining for d in decisions] == [(1,), (0,), (-1,), (-2,), (-3,)]
             assert dict(decisions[-1].headers())[b"x-ratelimit-remaining-requests"] == b"0"
         elif mode == "closed":  # refused with 503 and Retry-After
             assert not any(d.allowed for d in decisions)
-            error = decisions[0].error()
+            error = decisions[-1].error()
             assert error.status == 503
             assert dict(error.headers)[b"retry-after"] == b"1"
-            assert 0 < decisions[0].retry_after_ms <= 500
-        else:  # per-process buckets, enforced
-            assert [d.allowed for d in decisions] == [True, True, True, False, False]
+            assert 0 < decisions[-1].retry_after_ms <= 500
+        else:  # per-process buckets, enforced, from the level Redis last reported
+            assert [d.allowed for d in decisions] == [True, True, False, False, False]
             assert decisions[-1].error().status == 429
         assert limiter.stats.degraded == 5
+        assert limiter.stats.redis_errors == 3
         assert limiter.stats.breaker_trips == 1
-        assert limiter.stats.last_error is not None
+        assert limiter.stats.last_error == "ConnectionError"
 
         redis_server.start()  # same port, empty
         await asyncio.sleep(0.55)
@@ -190,12 +198,75 @@ async def test_redis_dies_then_the_failure_mode_applies_and_recovery_is_automati
         assert recovered.allowed
         assert not recovered.degraded
         assert recovered.remaining == (2,)  # Redis' own, fresh bucket
-        assert not limiter.breaker_open
+        assert limiter.breaker == "closed"
     finally:
         await limiter.aclose()
 
 
-async def test_a_hung_redis_costs_one_timeout_then_nothing(redis_server: RedisServer) -> None:
+async def test_one_failed_call_falls_back_alone_and_redis_decides_the_next(
+    redis_server: RedisServer,
+) -> None:
+    limiter = build_limiter(RedisSettings(url=redis_server.url, timeout_ms=50))
+    assert isinstance(limiter, RedisLimiter)
+    plan = plan_for(make_key("demo", limits=limits(60, request_burst=3)))
+    try:
+        assert (await limiter.admit(plan)).remaining == (2,)
+        redis_server.stop()
+        assert (await limiter.admit(plan)).degraded
+        redis_server.start()  # empty again
+        after = await limiter.admit(plan)
+        assert not after.degraded
+        assert after.remaining == (2,)
+        assert (limiter.breaker, limiter.stats.breaker_trips) == ("closed", 0)
+    finally:
+        await limiter.aclose()
+
+
+async def test_the_local_fallback_continues_from_the_levels_redis_reported(
+    redis_server: RedisServer,
+) -> None:
+    # A key Redis has drained stays drained when Redis goes away: the fallback does not hand it a
+    # fresh burst on top of what Redis already admitted (per process, with several gateways).
+    limiter = build_limiter(RedisSettings(url=redis_server.url, timeout_ms=50))
+    assert isinstance(limiter, RedisLimiter)
+    drained = plan_for(make_key("drained", limits=limits(1, request_burst=3)))
+    half = plan_for(make_key("half", limits=limits(1, request_burst=4)))
+    unseen = plan_for(make_key("unseen", limits=limits(1, request_burst=2)))
+    try:
+        assert [(await limiter.admit(drained)).allowed for _ in range(4)] == [True] * 3 + [False]
+        assert [(await limiter.admit(half)).remaining for _ in range(2)] == [(3,), (2,)]
+        redis_server.stop()
+        assert not (await limiter.admit(drained)).allowed
+        assert [(await limiter.admit(half)).allowed for _ in range(3)] == [True, True, False]
+        # A key Redis never reported on gets the per-process bucket, full.
+        assert [(await limiter.admit(unseen)).allowed for _ in range(3)] == [True, True, False]
+        assert limiter.stats.degraded == 7
+    finally:
+        await limiter.aclose()
+
+
+async def test_redis_is_asked_again_within_a_second_of_answering_again(
+    redis_server: RedisServer,
+) -> None:
+    limiter = build_limiter(RedisSettings(url=redis_server.url, timeout_ms=50))  # defaults
+    assert isinstance(limiter, RedisLimiter)
+    plan = plan_for(make_key("demo", limits=limits(6000)))
+    try:
+        redis_server.stop()
+        for _ in range(3):
+            await limiter.admit(plan)
+        assert limiter.breaker_open
+        redis_server.start()
+        back = time.monotonic()
+        while (await limiter.admit(plan)).degraded:  # traffic every 20 ms
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - back < 1.1
+        assert limiter.breaker == "closed"
+    finally:
+        await limiter.aclose()
+
+
+async def test_a_hung_redis_costs_a_few_timeouts_then_nothing(redis_server: RedisServer) -> None:
     limiter = build_limiter(RedisSettings(url=redis_server.url, timeout_ms=50, breaker_seconds=0.3))
     assert isinstance(limiter, RedisLimiter)
     plan = plan_for(make_key("demo", limits=limits(60)))
@@ -205,11 +276,13 @@ async def test_a_hung_redis_costs_one_timeout_then_nothing(redis_server: RedisSe
         assert not (await limiter.admit(plan)).degraded
         process.send_signal(signal.SIGSTOP)
         try:
-            start = time.perf_counter()
-            first = await limiter.admit(plan)
-            assert 0.04 <= time.perf_counter() - start < 0.25
-            assert first.degraded
-            assert first.allowed  # on_failure defaults to local
+            for _ in range(3):  # breaker_failures
+                start = time.perf_counter()
+                decision = await limiter.admit(plan)
+                assert 0.05 <= time.perf_counter() - start < 0.25
+                assert decision.degraded
+                assert decision.allowed  # on_failure defaults to local
+            assert limiter.stats.last_error == "TimeoutError"
             await timed_admissions(limiter, plan, 5)
         finally:
             process.send_signal(signal.SIGCONT)
@@ -221,13 +294,14 @@ async def test_a_hung_redis_costs_one_timeout_then_nothing(redis_server: RedisSe
 
 async def test_only_one_request_probes_a_recovering_redis(redis_server: RedisServer) -> None:
     limiter = build_limiter(
-        RedisSettings(url=redis_server.url, timeout_ms=200, breaker_seconds=0.2)
+        RedisSettings(url=redis_server.url, timeout_ms=200, breaker_failures=1, breaker_seconds=0.2)
     )
     assert isinstance(limiter, RedisLimiter)
     plan = plan_for(make_key("demo", limits=limits(60)))
     try:
         redis_server.stop()
         assert (await limiter.admit(plan)).degraded
+        assert limiter.breaker == "open"
         redis_server.start()
         await asyncio.sleep(0.25)
         decisions = await asyncio.gather(*(limiter.admit(plan) for _ in range(10)))
@@ -261,6 +335,22 @@ async def test_degraded_admissions_settle_in_the_local_limiter(redis_server: Red
         await limiter.settle(decision, 100)
         after = limiter.local.admit_now(plan_for(key, 0))
         assert after.remaining[0] >= 5900
+    finally:
+        await limiter.aclose()
+
+
+async def test_settlements_in_redis_reach_the_fallbacks_copy_too(redis_server: RedisServer) -> None:
+    limiter = build_limiter(RedisSettings(url=redis_server.url, timeout_ms=50))
+    assert isinstance(limiter, RedisLimiter)
+    key = make_key("demo", limits=limits(tpm=1, token_burst=6000))
+    try:
+        decision = await limiter.admit(plan_for(key, 1000))
+        assert decision.remaining == (5000,)
+        await limiter.settle(decision, 100)  # used 100 of the 1000 reserved: Redis has 5900
+        redis_server.stop()
+        fallback = await limiter.admit(plan_for(key, 0))
+        assert fallback.degraded
+        assert fallback.remaining == (5900,)
     finally:
         await limiter.aclose()
 
