@@ -9,7 +9,8 @@ Three pieces:
 
 - ``FakeUpstreamApp``: a pure ASGI app (no Starlette) serving ``/v1/chat/completions``,
   ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses``, ``/v1/models[/{id}]`` and
-  ``/v1/echo[/...]`` in OpenAI's shapes, recording every request it receives.
+  ``/v1/echo[/...]`` in OpenAI's shapes, and ``/v1/messages`` in Anthropic's (its replies and
+  streams; errors stay OpenAI-shaped), recording every request it receives.
 - ``FakeUpstream``: runs the app under ``uvicorn.Server`` in a background thread on a free
   127.0.0.1 port, as a sync or async context manager, and gives the test thread the record.
 - ``main()``: ``python -m tests.fakeupstream --host 127.0.0.1 --port N`` for the benchmark
@@ -526,6 +527,109 @@ def response_events(
     return _response_events(*response_inputs(request), chunks)
 
 
+# Anthropic Messages
+
+
+def message_inputs(request: Mapping[str, Any]) -> tuple[str, int, int]:
+    """``(model, input_tokens, cache_read_input_tokens)`` of an Anthropic Messages request:
+    tokens of the text in ``system`` and ``messages``. Text in a block marked ``cache_control``
+    counts as read from a warm prompt cache; Anthropic's ``input_tokens`` leaves it out."""
+    model = _model(request)
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: Field required", "messages")
+    max_tokens = request.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise BadRequest("max_tokens: Field required", "max_tokens")
+    contents = [request.get("system")]
+    contents += [m.get("content") for m in messages if isinstance(m, dict)]
+    chars = cached = 0
+    for content in contents:
+        if not isinstance(content, list):
+            chars += _text_chars(content)
+            continue
+        for block in content:
+            if isinstance(block, dict) and isinstance(block.get("text"), str):
+                if block.get("cache_control") is not None:
+                    cached += len(block["text"])
+                else:
+                    chars += len(block["text"])
+    return model, count_tokens(chars), count_tokens(cached)
+
+
+def _message_usage(prompt: int, cached: int, output: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output,
+        "service_tier": "standard",
+    }
+
+
+def _message_object(
+    model: str, content: list[dict[str, Any]], done: bool, usage: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "id": MESSAGE_ID,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": "end_turn" if done else None,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def _message_body(model: str, prompt: int, cached: int, chunks: int) -> bytes:
+    content = [{"type": "text", "text": "".join(pieces(chunks))}]
+    return orjson.dumps(
+        _message_object(model, content, True, _message_usage(prompt, cached, chunks))
+    )
+
+
+def _message_events(model: str, prompt: int, cached: int, chunks: int) -> tuple[bytes, ...]:
+    # As Anthropic streams: message_start holds the input counts and an output count of 1;
+    # message_delta holds the final, cumulative output count.
+    start = _message_object(model, [], False, _message_usage(prompt, cached, 1))
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": start}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {}),
+        *(
+            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}})
+            for piece in pieces(chunks)
+        ),
+        ("content_block_stop", {"index": 0}),
+        (
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": chunks},
+            },
+        ),
+        ("message_stop", {}),
+    ]
+    return tuple(
+        b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps({"type": kind, **payload}))
+        for kind, payload in events
+    )
+
+
+def anthropic_message_body(request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS) -> bytes:
+    """The exact non-stream body the fake sends for this Messages request (uncompressed)."""
+    return _message_body(*message_inputs(request), chunks)
+
+
+def anthropic_message_events(
+    request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS
+) -> tuple[bytes, ...]:
+    """The exact ``event: <type>\\ndata: {...}\\n\\n`` events of a Messages stream."""
+    return _message_events(*message_inputs(request), chunks)
+
+
 # Models
 
 
@@ -539,6 +643,33 @@ def models_body(models: Sequence[str] = MODELS) -> bytes:
 
 def model_body(model: str) -> bytes:
     return orjson.dumps(_model_object(model))
+
+
+# Uploads: multipart/form-data requests, answered without reading the form (tests read what
+# arrived from the request log).
+
+TRANSCRIPTION_TEXT: Final = "A deterministic transcription from the fake upstream."
+FILE_ID: Final = "file-fake"
+
+
+def transcription_body() -> bytes:
+    """The reply to ``POST /v1/audio/transcriptions`` (``response_format: json``)."""
+    return orjson.dumps({"text": TRANSCRIPTION_TEXT})
+
+
+def file_object_body(size: int) -> bytes:
+    """The reply to ``POST /v1/files``: a file object; ``bytes`` is the request body's size."""
+    return orjson.dumps(
+        {
+            "id": FILE_ID,
+            "object": "file",
+            "bytes": size,
+            "created_at": CREATED,
+            "filename": "upload",
+            "purpose": "assistants",
+            "status": "processed",
+        }
+    )
 
 
 def pad_body(body: bytes, size: int) -> bytes:
@@ -824,6 +955,7 @@ class FakeUpstreamApp:
             "/v1/completions": self._completions,
             "/v1/embeddings": self._embeddings,
             "/v1/responses": self._responses,
+            "/v1/messages": self._messages,
         }
 
     def close(self) -> None:
@@ -891,6 +1023,10 @@ class FakeUpstreamApp:
                 return _bad_request(exc)
         elif path == "/v1/echo" or path.startswith("/v1/echo/"):
             reply = _Reply(200, self._echo(scope, body))
+        elif path == "/v1/audio/transcriptions" and method == "POST":
+            reply = _Reply(200, transcription_body())
+        elif path == "/v1/files" and method == "POST":
+            reply = _Reply(200, file_object_body(len(body)))
         elif path == "/v1/models" and method == "GET":
             reply = _Reply(200, self._models_body)
         elif path.startswith("/v1/models/") and method == "GET":
@@ -955,6 +1091,14 @@ class FakeUpstreamApp:
                 200, events=self._cached_events("resp", _response_events, model, prompt, n)
             )
         return _Reply(200, self._cached_body("resp", _response_body, model, prompt, n))
+
+    def _messages(self, request: dict[str, Any], controls: Controls) -> _Reply:
+        model, prompt, cached = message_inputs(request)
+        n = controls.chunks
+        if request.get("stream") is True:
+            events = self._cached_events("msg", _message_events, model, prompt, cached, n)
+            return _Reply(200, events=events)
+        return _Reply(200, self._cached_body("msg", _message_body, model, prompt, cached, n))
 
     def _echo(self, scope: Scope, body: bytes) -> bytes:
         raw_path = scope.get("raw_path")
