@@ -1,24 +1,30 @@
 """The relay: one request in, one upstream exchange, the upstream's bytes out as they arrive.
 
 ``Proxy.__call__`` reads top to bottom as the algorithm (after Go's ``ReverseProxy.ServeHTTP``):
-route, authenticate, read the body when a rule needs it, resolve the model, send upstream,
-relay. It writes ASGI messages itself: Starlette's ``StreamingResponse`` costs more than the whole
-relay (DESIGN §5).
+route, authenticate, read the body when a rule needs it, resolve the model (from a JSON body, a
+form's ``model`` field, or a model named in the path), send upstream, relay. It writes ASGI
+messages itself: Starlette's ``StreamingResponse`` costs more than the whole relay (DESIGN §5).
+The relayed bytes are the upstream's, except for the model list (and a model retrieved through
+an alias), rewritten for the caller (``models_list``), and an error body that quotes an upstream
+secret, masked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 import orjson
 
 from gateway import body as request_body
-from gateway import errors
+from gateway import errors, models_list, multipart
 from gateway.auth import Principal
 from gateway.headers import downstream_response_headers, mask_secrets, upstream_request_headers
 from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
@@ -38,6 +44,10 @@ from gateway.upstream import (
 logger = logging.getLogger("gateway.proxy")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+# Turns the upstream's whole successful JSON body into the one sent to the client; None when
+# the body is not what it expects (see ``models_list``).
+_Rewrite = Callable[[bytes], bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +157,7 @@ class Proxy:
                 upstream = runtime.upstreams[route.upstream]
                 document: dict[str, Any] | None = None
                 model: str | None = None
+                rewrite: _Rewrite | None = None
                 if route.model_in_body and method in _BODY_METHODS and payload:
                     media = request_body.media_type(headers)
                     if request_body.may_be_json(media):
@@ -154,17 +165,34 @@ class Proxy:
                         if isinstance(parsed, dict):
                             document = parsed
                             upstream, model, renamed = self._resolve_model(
-                                runtime, principal, document, upstream
+                                runtime, principal, document.get("model"), upstream
                             )
+                            if renamed is not None:
+                                document["model"] = renamed
                             asked = route.stream_usage and _ask_for_stream_usage(document)
-                            if renamed or asked:
+                            if renamed is not None or asked:
                                 # Re-serialised once, and only when a rule changed the document;
                                 # otherwise the client's bytes go upstream untouched.
                                 payload = orjson.dumps(document)
+                    elif media == multipart.FORM_DATA:
+                        if (
+                            not principal.all_models
+                            or not runtime.config.allow_unlisted_models
+                            or runtime.models
+                        ):
+                            upstream, model, payload = self._resolve_form_model(
+                                runtime, principal, headers, payload, upstream
+                            )
                     elif not principal.all_models or not runtime.config.allow_unlisted_models:
-                        # A model rule applies but the model of a form or binary body cannot be
-                        # read: refuse rather than let the body pass unchecked.
+                        # A model rule applies but the model of a binary body cannot be read:
+                        # refuse rather than let the body pass unchecked.
                         raise errors.unsupported_media(media.decode("latin-1"), route.name)
+                elif route.model_in_path is not None:
+                    upstream, match, rewrite = self._resolve_path_model(
+                        runtime, principal, match, route.model_in_path, upstream
+                    )
+                elif route.models_list and method == "GET":
+                    rewrite = self._models_list(runtime, principal, upstream)
                 scope["gateway.upstream"] = upstream.name
 
                 # Limits come last among the checks: a request refused for any other reason
@@ -201,7 +229,9 @@ class Proxy:
                 return
             except request_body.ClientDisconnected:
                 return
-            await self._exchange(scope, receive, send, upstream, outbound, extra, admission)
+            await self._exchange(
+                scope, receive, send, upstream, outbound, extra, admission, rewrite
+            )
         finally:
             # The body's bytes go back to the budget and the key's slot is freed however the
             # request ended: refused, cut, cancelled or complete.
@@ -224,16 +254,15 @@ class Proxy:
     def _resolve_model(
         runtime: Runtime,
         principal: Principal,
-        document: dict[str, Any],
+        model: object,
         route_upstream: UpstreamTarget,
-    ) -> tuple[UpstreamTarget, str | None, bool]:
-        """Apply the key's model rule and the model alias table; returns the upstream, the
-        public model name, and whether the document's ``model`` was renamed for the upstream
-        (only when the upstream's name for it differs)."""
-        model = document.get("model")
+    ) -> tuple[UpstreamTarget, str | None, str | None]:
+        """Apply the key's model rule and the model alias table to a body's ``model``; returns
+        the upstream, the public model name, and the upstream's name for the model when it
+        differs (the body must then be renamed), else None."""
         if model is None:
             # No model: the upstream answers as it would have directly.
-            return route_upstream, None, False
+            return route_upstream, None, None
         if not isinstance(model, str):
             raise errors.invalid_model_type()
         if not principal.may_use_model(model):
@@ -242,12 +271,82 @@ class Proxy:
         if alias is None:
             if not runtime.config.allow_unlisted_models:
                 raise errors.unknown_model(model)
-            return route_upstream, model, False
+            return route_upstream, model, None
         upstream_model = alias.model or model
-        renamed = upstream_model != model
-        if renamed:
-            document["model"] = upstream_model
+        renamed = upstream_model if upstream_model != model else None
         return runtime.upstreams[alias.upstream], model, renamed
+
+    @staticmethod
+    def _resolve_form_model(
+        runtime: Runtime,
+        principal: Principal,
+        headers: RawHeaders,
+        payload: Body,
+        route_upstream: UpstreamTarget,
+    ) -> tuple[UpstreamTarget, str | None, Body]:
+        """The model rules for a ``multipart/form-data`` body (uploads: audio, files): its
+        ``model`` field is read like a JSON body's ``model``. A form without one passes, as a
+        JSON body without one does (``files.create``). A renaming alias rewrites only the
+        field's value; every other byte of the form goes upstream as the client sent it."""
+        form_boundary = multipart.boundary(headers)
+        found = multipart.find_model(payload, form_boundary)
+        if found is None:
+            return route_upstream, None, payload
+        upstream, model, renamed = Proxy._resolve_model(
+            runtime, principal, found.value, route_upstream
+        )
+        if renamed is not None:
+            payload = multipart.with_model(payload, found, renamed, form_boundary)
+        return upstream, model, payload
+
+    @staticmethod
+    def _resolve_path_model(
+        runtime: Runtime,
+        principal: Principal,
+        match: Match,
+        param: str,
+        route_upstream: UpstreamTarget,
+    ) -> tuple[UpstreamTarget, Match, _Rewrite | None]:
+        """The model rules for a model named in the path (``GET /v1/models/{model}``).
+
+        A model the key may not use does not exist for it: 404, as OpenAI answers. An alias is
+        asked of its upstream under the upstream's name, and its answer's ``id`` is the alias."""
+        model = unquote(match.params[param])
+        if not principal.may_use_model(model):
+            raise errors.unknown_model(model)
+        alias = runtime.models.get(model)
+        if alias is None:
+            if not runtime.config.allow_unlisted_models:
+                raise errors.unknown_model(model)
+            return route_upstream, match, None
+        upstream = runtime.upstreams[alias.upstream]
+        upstream_model = alias.model or model
+        if upstream_model == model:
+            return upstream, match, None
+        # Encoded as a client encodes an id in a path: an 'org/name' id as one segment.
+        params = {**match.params, param: quote(upstream_model, safe="")}
+        renamed = dataclasses.replace(
+            match, upstream_path=match.endpoint.target.fill(params), params=params
+        )
+        return upstream, renamed, functools.partial(models_list.model_as_alias, alias=model)
+
+    @staticmethod
+    def _models_list(
+        runtime: Runtime, principal: Principal, upstream: UpstreamTarget
+    ) -> _Rewrite | None:
+        """How the upstream's model list is rewritten for this caller; None when it would not
+        change (every model allowed, unlisted ones too, no aliases): then it is relayed raw."""
+        aliases = runtime.models
+        unlisted = runtime.config.allow_unlisted_models
+        if not models_list.rewrites_list(principal, aliases, unlisted):
+            return None
+        return functools.partial(
+            models_list.list_for_caller,
+            principal=principal,
+            aliases=aliases,
+            unlisted=unlisted,
+            upstream=upstream.name,
+        )
 
     @staticmethod
     def _forwarded_for(scope: Scope, upstream: UpstreamTarget) -> str | None:
@@ -268,6 +367,7 @@ class Proxy:
         outbound: OutboundRequest,
         extra: RawHeaders,
         admission: _Admission | None,
+        rewrite: _Rewrite | None = None,
     ) -> None:
         exchange = _Exchange(task=asyncio.current_task())
         timer = asyncio.get_running_loop().call_later(
@@ -291,15 +391,27 @@ class Proxy:
             else:
                 if admission is not None and admission.decision.plan.buckets.has_tokens:
                     tap = _usage_tap(response.raw_headers)
-                complete = await self._relay(
-                    scope,
-                    send,
-                    response,
-                    extra,
-                    tap,
-                    strip_ratelimit=admission is not None,
-                    secrets=upstream.secrets,
-                )
+                if rewrite is not None and response.status == 200:
+                    complete = await self._relay_rewritten(
+                        scope,
+                        send,
+                        response,
+                        extra,
+                        tap,
+                        rewrite,
+                        strip_ratelimit=admission is not None,
+                        upstream=upstream,
+                    )
+                else:
+                    complete = await self._relay(
+                        scope,
+                        send,
+                        response,
+                        extra,
+                        tap,
+                        strip_ratelimit=admission is not None,
+                        secrets=upstream.secrets,
+                    )
         except asyncio.CancelledError:
             if not exchange.client_gone:
                 raise
@@ -356,7 +468,7 @@ class Proxy:
         complete = False
         if secrets and status >= 400 and not event_stream:
             try:
-                held, complete = await _hold_error_body(read, tap)
+                held, complete = await _hold_body(read, tap, ERROR_BODY_BYTES)
             except UpstreamStreamError as exc:
                 # Cut before it could be inspected: the head, none of the body, a cut stream.
                 await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -388,6 +500,56 @@ class Proxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
+    @staticmethod
+    async def _relay_rewritten(
+        scope: Scope,
+        send: Send,
+        response: UpstreamResponse,
+        extra: RawHeaders,
+        tap: UsageTap | None,
+        rewrite: _Rewrite,
+        *,
+        strip_ratelimit: bool,
+        upstream: UpstreamTarget,
+    ) -> bool:
+        """Send the body ``rewrite`` makes of the upstream's whole successful body (the model
+        list for the caller, a model retrieved through an alias). True if the upstream's body
+        was read to its end.
+
+        The body is read whole, up to ``models_list.MAX_BODY_BYTES`` before and after inflating
+        (gzip and deflate: the codings the gateway asks for), and goes out decoded with its own
+        ``Content-Length``. One that cannot be read or is not what ``rewrite`` expects is a
+        502: a list the gateway could not filter would show the caller models it may not use."""
+        headers, _ = downstream_response_headers(
+            response.raw_headers,
+            extra,
+            drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
+            secrets=upstream.secrets,
+        )
+        limit = models_list.MAX_BODY_BYTES
+        try:
+            held, complete = await _hold_body(response.read_chunk, tap, limit)
+        except UpstreamStreamError as exc:
+            scope["gateway.upstream_error"] = str(exc)
+            await errors.upstream_failed(upstream.name).send(send, extra)
+            return False
+        plain = _decoded_body(b"".join(held), headers, limit) if complete else None
+        body = rewrite(plain) if plain is not None else None
+        if body is None:
+            await models_list.unreadable(upstream.name).send(send, extra)
+            return complete
+        # The representation changed: the upstream's coding, length and validator describe
+        # another one (RFC 9110 §8.8.3).
+        headers = [(n, v) for n, v in headers if n not in _REWRITTEN_DROPS]
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        scope["gateway.bytes"] = len(body)
+        return True
+
+
+_REWRITTEN_DROPS = frozenset({b"content-encoding", b"content-length", b"etag"})
+
 
 def _cut(scope: Scope, exc: UpstreamStreamError, sent: int) -> bool:
     """The upstream failed after the head: returns False, the relay did not complete.
@@ -409,14 +571,14 @@ _GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS  # zlib detects either header
 _INFLATE_INPUT_STEP = 64 * 1024
 
 
-async def _hold_error_body(
-    read: Callable[[], Awaitable[bytes]], tap: UsageTap | None
+async def _hold_body(
+    read: Callable[[], Awaitable[bytes]], tap: UsageTap | None, limit: int
 ) -> tuple[list[bytes], bool]:
-    """The chunks of an error body up to ``ERROR_BODY_BYTES`` (the one crossing it included),
-    and whether they are the whole body. The usage tap reads them as they arrive."""
+    """The chunks of a body up to ``limit`` bytes (the one crossing it included), and whether
+    they are the whole body. The usage tap reads them as they arrive."""
     held: list[bytes] = []
     size = 0
-    while size <= ERROR_BODY_BYTES:
+    while size <= limit:
         chunk = await read()
         if not chunk:
             return held, True
@@ -435,17 +597,7 @@ def _masked_error_body(
 
     A gzip or deflate body is searched in an inflated copy; when it holds a secret it goes out
     masked and decoded, without ``Content-Encoding`` and with its own ``Content-Length``."""
-    body = b"".join(held)
-    coding = b""
-    for name, value in headers:
-        if name == b"content-encoding":
-            coding = value.strip().lower()
-    if coding in (b"", b"identity"):
-        plain: bytes | None = body
-    elif coding in _INFLATABLE:
-        plain = _inflated_error_body(body, coding)
-    else:
-        return None  # a coding the gateway did not offer (br, zstd, several): cannot be read
+    plain = _decoded_body(b"".join(held), headers, ERROR_BODY_BYTES)
     if plain is None:
         return None
     masked = mask_secrets(plain, secrets)
@@ -456,16 +608,30 @@ def _masked_error_body(
     return kept, [masked]
 
 
-def _inflated_error_body(body: bytes, coding: bytes) -> bytes | None:
-    """``body`` inflated, or None when it inflates past ``ERROR_BODY_BYTES``. A corrupt or
-    truncated body gives what inflated before the fault: what a lenient client would show."""
+def _decoded_body(body: bytes, headers: RawHeaders, limit: int) -> bytes | None:
+    """``body`` without its content coding, or None when it is over ``limit`` bytes before or
+    after inflating, or in a coding the gateway did not offer (br, zstd, several)."""
+    coding = b""
+    for name, value in headers:
+        if name == b"content-encoding":
+            coding = value.strip().lower()
+    if coding in (b"", b"identity"):
+        return body if len(body) <= limit else None
+    if coding in _INFLATABLE:
+        return _inflated_error_body(body, coding, limit)
+    return None
+
+
+def _inflated_error_body(body: bytes, coding: bytes, limit: int = ERROR_BODY_BYTES) -> bytes | None:
+    """``body`` inflated, or None when it inflates past ``limit``. A corrupt or truncated body
+    gives what inflated before the fault: what a lenient client would show."""
     wbits = _GZIP_OR_ZLIB
     if coding == b"deflate" and not _zlib_wrapped(body):
         # RFC 9110 §8.4.1.2: deflate is zlib-wrapped, but some servers send it raw.
         wbits = -zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     pieces: list[bytes] = []
-    room = ERROR_BODY_BYTES
+    room = limit
     for start in range(0, len(body), _INFLATE_INPUT_STEP):
         try:
             # Fed in steps, so a fault loses only the step it is in.
@@ -523,6 +689,13 @@ def _usage_tap(raw_headers: Any) -> UsageTap:
 
 
 def _used_tokens(tap: UsageTap | None) -> int | None:
+    """The tokens to settle a reservation to: the response's final usage, input (prompt-cache
+    reads and writes included) plus output, as ``Usage.total_tokens`` counts them.
+
+    ``None`` when there is no final count: no usage was read, or the response ended before it
+    (a client that left, an upstream that failed mid-stream). The reservation then stands,
+    since the upstream generated until it was cancelled and nothing says how far; only an
+    upstream that never answered, or answered with an error status, has it refunded."""
     usage = tap.finish() if tap is not None else None
     return usage.total_tokens if usage is not None else None
 

@@ -41,9 +41,9 @@ routes:
   - {{name: completions, path: /v1/completions, upstream: fake}}
   - {{name: embeddings, path: /v1/embeddings, upstream: fake}}
   - {{name: responses, path: /v1/responses, upstream: fake}}
-  - {{name: models, path: /v1/models, methods: [GET], upstream: fake}}
+  - {{name: models, path: /v1/models, methods: [GET], upstream: fake, models_list: true}}
   - {{name: model, path: "/v1/models/{{model}}", methods: [GET], upstream: fake,
-      encoded_slashes: model}}
+      encoded_slashes: model, model_in_path: model}}
   - name: slow
     path: /slow/chat/completions
     upstream: fake

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.conftest import DEMO_KEY
-from tests.fakeupstream import FakeUpstream
+from gateway.auth import hash_key
+from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
+from tests.fakeupstream import CREATED, FILE_ID, TRANSCRIPTION_TEXT, FakeUpstream
 from tests.gatewayproc import GatewayProcess
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
@@ -149,3 +150,112 @@ async def test_async_client_chat_and_stream(gateway: GatewayProcess) -> None:
         assert embedding.data[0].embedding
         response = await sdk.responses.create(model="gpt-fake", input="hello")
         assert response.output_text
+
+
+# Model rules on uploads (multipart forms) and the model list, seen through the SDK by keys
+# with a model list.
+
+LISTENER_KEY = "sk-gw-test-listener"  # may call whisper-1 and the alias fast
+CHATTER_KEY = "sk-gw-test-chatter"  # may call gpt-fake only
+KEYS = f"""
+  - name: listener
+    hash: {hash_key(LISTENER_KEY)}
+    models: [whisper-1, fast]
+  - name: chatter
+    hash: {hash_key(CHATTER_KEY)}
+    models: [gpt-fake]
+"""
+AUDIO = ("hello.wav", b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(64), "audio/wav")
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(upstream: FakeUpstream) -> Iterator[GatewayProcess]:
+    config = gateway_config(upstream.base_url, extra=KEYS)
+    with GatewayProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as process:
+        yield process
+
+
+@pytest.fixture
+def listener(keyed_gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{keyed_gateway.url}/v1", api_key=LISTENER_KEY, max_retries=0
+    ) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+def chatter(keyed_gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{keyed_gateway.url}/v1", api_key=CHATTER_KEY, max_retries=0
+    ) as sdk:
+        yield sdk
+
+
+def test_transcription_with_a_model_the_key_lists_reaches_the_upstream(
+    listener: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    transcription = listener.audio.transcriptions.create(model="whisper-1", file=AUDIO)
+    assert transcription.text == TRANSCRIPTION_TEXT
+    seen = upstream.last()
+    assert seen.path == "/v1/audio/transcriptions"
+    assert b'name="model"\r\n\r\nwhisper-1\r\n' in seen.body
+    assert AUDIO[1] in seen.body
+
+
+def test_transcription_with_a_model_the_key_does_not_list_is_403(
+    chatter: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.clear()
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        chatter.audio.transcriptions.create(model="whisper-1", file=AUDIO)
+    assert refused.value.code == "model_not_allowed"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("key", [LISTENER_KEY, CHATTER_KEY])
+def test_a_file_upload_has_no_model_and_passes_any_model_list(
+    keyed_gateway: GatewayProcess, key: str
+) -> None:
+    with openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key=key, max_retries=0) as sdk:
+        uploaded = sdk.files.create(file=("notes.jsonl", b"{}\n"), purpose="assistants")
+    assert uploaded.id == FILE_ID
+
+
+def test_uploads_when_unlisted_models_are_refused(strict_gateway: GatewayProcess) -> None:
+    with openai.OpenAI(base_url=f"{strict_gateway.url}/v1", api_key=DEMO_KEY, max_retries=0) as sdk:
+        with pytest.raises(openai.NotFoundError) as refused:
+            sdk.audio.transcriptions.create(model="whisper-1", file=AUDIO)
+        assert refused.value.code == "model_not_found"
+        assert sdk.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id == FILE_ID
+
+
+def test_a_narrow_key_lists_and_retrieves_only_what_it_may_call(
+    listener: openai.OpenAI, upstream: FakeUpstream
+) -> None:
+    # whisper-1 is allowed but the upstream does not list it; fast is an alias of gpt-4o-mini.
+    models = list(listener.models.list())
+    assert [model.id for model in models] == ["fast"]
+    assert (models[0].created, models[0].owned_by) == (CREATED, "fake-upstream")
+    fast = listener.models.retrieve("fast")
+    assert (fast.id, fast.created) == ("fast", CREATED)
+    assert upstream.last().path == "/v1/models/gpt-4o-mini"
+    upstream.clear()
+    with pytest.raises(openai.NotFoundError) as refused:
+        listener.models.retrieve("gpt-fake")
+    assert refused.value.code == "model_not_found"
+    assert upstream.requests == []
+
+
+def test_a_wide_key_lists_the_upstreams_models_and_the_aliases(client: openai.OpenAI) -> None:
+    ids = [model.id for model in client.models.list()]
+    assert ids == ["gpt-fake", "gpt-4o-mini", "text-embedding-fake", "fast"]
+    assert client.models.retrieve("fast").id == "fast"
+    assert client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+
+
+def test_an_upstream_error_on_the_model_list_reaches_the_sdk_unchanged(
+    client: openai.OpenAI,
+) -> None:
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.models.list(extra_headers={"x-fake-status": "503"})
+    assert "asked to fail with status 503" in failed.value.message

@@ -432,14 +432,175 @@ def test_model_rules_apply_whatever_the_body_is_labelled(
     assert error_of(response)["code"] == "model_not_allowed"
 
 
-def test_a_form_body_is_refused_when_a_model_rule_cannot_read_it(gateway: GatewayProcess) -> None:
+def test_a_forms_model_is_checked_like_a_json_bodys(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    upstream.clear()
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         files={"model": (None, "gpt-fake")},
         headers={"authorization": f"Bearer {NARROW_KEY}"},
     )
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "model_not_allowed"
+    assert upstream.requests == []
+
+
+def test_a_binary_body_is_refused_when_a_model_rule_cannot_read_it(gateway: GatewayProcess) -> None:
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        content=b'{"model": "gpt-fake"}',
+        headers={"authorization": f"Bearer {NARROW_KEY}", "content-type": "audio/wav"},
+    )
     assert response.status_code == 415
     assert error_of(response)["code"] == "unsupported_media_type"
+
+
+FORM_BOUNDARY = "gw-proxy-test"
+
+
+def form_body(*fields: tuple[str, bytes]) -> bytes:
+    parts = [
+        f'--{FORM_BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        + (b'; filename="a.wav"\r\nContent-Type: audio/wav' if name == "file" else b"")
+        + b"\r\n\r\n"
+        + value
+        + b"\r\n"
+        for name, value in fields
+    ]
+    return b"".join(parts) + f"--{FORM_BOUNDARY}--\r\n".encode()
+
+
+def post_form(url: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(
+        url,
+        content=body,
+        headers={
+            "content-type": f"multipart/form-data; boundary={FORM_BOUNDARY}",
+            **AUTH,
+            **(headers or {}),
+        },
+        timeout=10,
+    )
+
+
+AUDIO = b"RIFF" + bytes(range(256)) * 64 + b"\r\n--almost-a-boundary\r\n"
+
+
+def test_a_renaming_alias_rewrites_only_the_forms_model_bytes(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    body = form_body(("file", AUDIO), ("model", b"fast"), ("language", b"en"))
+    response = post_form(f"{gateway.url}/v1/echo", body)
+    assert response.status_code == 200
+    seen = upstream.last()
+    assert seen.body == body.replace(b"\r\n\r\nfast\r\n", b"\r\n\r\ngpt-4o-mini\r\n")
+    assert seen.header("content-type") == f"multipart/form-data; boundary={FORM_BOUNDARY}"
+    assert seen.header("content-length") == str(len(seen.body))
+
+
+def test_a_form_whose_model_is_not_renamed_goes_upstream_untouched(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    body = form_body(("model", b"gpt-fake"), ("file", AUDIO))
+    assert post_form(f"{gateway.url}/v1/echo", body).status_code == 200
+    assert upstream.last().body == body
+
+
+def test_a_forms_unknown_model_is_404_when_unlisted_models_are_refused(
+    strict_gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    refused = post_form(f"{strict_gateway.url}/v1/echo", form_body(("model", b"whisper-1")))
+    assert refused.status_code == 404
+    assert (error_of(refused)["code"], error_of(refused)["param"]) == ("model_not_found", "model")
+    without_model = form_body(("file", AUDIO), ("purpose", b"assistants"))
+    assert post_form(f"{strict_gateway.url}/v1/echo", without_model).status_code == 200
+    assert upstream.last().body == without_model
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"--elsewhere\r\nnot a part\r\n", None),
+        (form_body(("model", b"fast"), ("file", AUDIO))[:-40], None),
+        (form_body(("model", b"fast"), ("model", b"gpt-fake")), None),
+        (form_body(("model", b"fast")), "multipart/form-data"),
+    ],
+    ids=["garbage", "cut", "two-models", "no-boundary"],
+)
+def test_a_malformed_form_is_400_in_openais_shape(
+    gateway: GatewayProcess, upstream: FakeUpstream, body: bytes, content_type: str | None
+) -> None:
+    upstream.clear()
+    headers = {"content-type": content_type} if content_type else {}
+    response = post_form(f"{gateway.url}/v1/echo", body, headers)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_multipart"
+    assert upstream.requests == []
+
+
+# The model list: the one response the gateway rewrites, for the caller.
+
+
+def models_of(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200
+    return [entry["id"] for entry in response.json()["data"]]
+
+
+def test_the_model_list_lists_aliases_and_drops_what_is_not_routable(
+    gateway: GatewayProcess, strict_gateway: GatewayProcess
+) -> None:
+    wide = httpx.get(f"{gateway.url}/v1/models", headers=AUTH)
+    assert models_of(wide) == ["gpt-fake", "gpt-4o-mini", "text-embedding-fake", "fast"]
+    assert wide.headers["content-length"] == str(len(wide.content))
+    strict = httpx.get(f"{strict_gateway.url}/v1/models", headers=AUTH)
+    assert models_of(strict) == ["gpt-fake", "fast"]
+
+
+def test_a_gzipped_model_list_is_rewritten_and_sent_decoded(gateway: GatewayProcess) -> None:
+    with httpx.Client(timeout=10) as client:
+        response = client.send(
+            client.build_request(
+                "GET",
+                f"{gateway.url}/v1/models",
+                headers={**AUTH, "accept-encoding": "gzip", "x-fake-gzip": "1"},
+            ),
+            stream=True,
+        )
+        raw = b"".join(response.iter_raw())
+    assert "content-encoding" not in response.headers
+    assert response.headers["content-length"] == str(len(raw))
+    assert [entry["id"] for entry in orjson.loads(raw)["data"]][-1] == "fast"
+
+
+@pytest.mark.parametrize("status", [401, 429, 500, 503])
+def test_an_upstream_error_on_the_model_list_passes_unchanged(
+    gateway: GatewayProcess, upstream: FakeUpstream, status: int
+) -> None:
+    headers = {**AUTH, "x-fake-status": str(status)}
+    direct = httpx.get(f"{upstream.base_url}/models", headers=headers)
+    via = httpx.get(f"{gateway.url}/v1/models", headers=headers)
+    assert via.status_code == direct.status_code == status
+    assert via.content == direct.content
+
+
+def test_a_model_list_too_large_to_filter_is_502_not_relayed(gateway: GatewayProcess) -> None:
+    response = httpx.get(
+        f"{gateway.url}/v1/models", headers={**AUTH, "x-fake-bytes": str(5 * 1024 * 1024)}
+    )
+    assert response.status_code == 502
+    assert error_of(response)["code"] == "upstream_error"
+    padded = httpx.get(f"{gateway.url}/v1/models", headers={**AUTH, "x-fake-bytes": "100000"})
+    assert models_of(padded)[-1] == "fast"
+
+
+def test_an_alias_is_retrieved_under_the_upstreams_name_and_answered_as_itself(
+    gateway: GatewayProcess, upstream: FakeUpstream
+) -> None:
+    response = httpx.get(f"{gateway.url}/v1/models/fast", headers=AUTH)
+    assert response.status_code == 200
+    assert response.json()["id"] == "fast"
+    assert upstream.last().path == "/v1/models/gpt-4o-mini"
 
 
 def test_a_form_body_passes_when_no_model_rule_applies(
