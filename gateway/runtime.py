@@ -178,11 +178,11 @@ def build_runtime(
     return Runtime(
         config=config,
         routes=RouteTable(config.routes),
-        keys=KeyRing(config.keys),
+        keys=KeyRing(config.keys, previous.keys if previous else None),
         upstreams=upstreams,
         models=dict(config.models),
         route_timeouts={route.name: route.timeouts for route in config.routes},
-        planner=Planner.from_config(config),
+        planner=Planner.from_config(config, previous.planner if previous else None),
         concurrency=concurrency_caps(config),
         limiter=limiter,
     )

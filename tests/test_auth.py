@@ -71,3 +71,28 @@ def test_new_keys_are_unique_and_hash_to_the_configured_format() -> None:
     assert first.startswith("sk-gw-")
     assert len(hash_key(first)) == len("sha256:") + 64
     assert presented_key([(b"authorization", b"Bearer " + first.encode())]) == first
+
+
+def test_a_rebuilt_ring_keeps_unchanged_principals_and_rebuilds_changed_ones() -> None:
+    """A reload of 10,000 keys must not recompile every key's model rule on the event loop."""
+    same = ApiKey(name="same", hash=hash_key("a"), models=("gpt-*",))
+    changed = ApiKey(name="changed", hash=hash_key("b"), models=("gpt-*",))
+    first = KeyRing([same, changed])
+    edited = ApiKey(name="changed", hash=hash_key("b"), models=("o1-*",))
+    second = KeyRing([same, edited], previous=first)
+    auth_same = [(b"authorization", b"Bearer a")]
+    auth_changed = [(b"authorization", b"Bearer b")]
+    assert second.authenticate(auth_same) is first.authenticate(auth_same)
+    assert second.authenticate(auth_changed).may_use_model("o1-mini")
+    assert not second.authenticate(auth_changed).may_use_model("gpt-4o")
+
+
+def test_keys_with_the_same_model_list_share_one_compiled_rule() -> None:
+    ring = KeyRing(
+        [
+            ApiKey(name=f"k{i}", hash=hash_key(f"key-{i}"), models=("gpt-*", "o1-*"))
+            for i in range(3)
+        ]
+    )
+    rules = {ring.authenticate([(b"x-api-key", f"key-{i}".encode())]).models for i in range(3)}
+    assert len(rules) == 1

@@ -63,9 +63,10 @@ def _model_part(model: str) -> str:
 class _KeyPlans:
     """One key's buckets, and its combinations with routes and models as they are asked for."""
 
-    __slots__ = ("base", "cache", "name", "prefix")
+    __slots__ = ("base", "cache", "key", "name", "prefix")
 
     def __init__(self, key: ApiKey, limits: LimitsSection, namespace: str) -> None:
+        self.key = key
         kid = key_id(key)
         self.name = key.name
         own = key.limits if key.limits is not None else limits.default
@@ -89,8 +90,16 @@ class Planner:
     """Turns (key, route, model, token estimate) into a ``Plan``. Pure: no I/O."""
 
     def __init__(
-        self, limits: LimitsSection, keys: Iterable[ApiKey] = (), *, namespace: str = "rl"
+        self,
+        limits: LimitsSection,
+        keys: Iterable[ApiKey] = (),
+        *,
+        namespace: str = "rl",
+        previous: Planner | None = None,
     ) -> None:
+        """``previous``: the planner of the config being replaced. With the same limits
+        section, a key that did not change keeps its plans (and their cache), so a reload of
+        many keys costs little on the event loop."""
         self._limits = limits
         self._namespace = namespace
         self._exact_models = dict(limits.models)
@@ -99,11 +108,19 @@ class Planner:
             for pattern, lim in limits.models.items()
             if any(c in pattern for c in "*?[")
         ]
-        self._keys = {key.name: _KeyPlans(key, limits, namespace) for key in keys}
+        reusable: dict[str, _KeyPlans] = {}
+        if previous is not None and previous._limits == limits and previous._namespace == namespace:
+            reusable = previous._keys
+        self._keys: dict[str, _KeyPlans] = {}
+        for key in keys:
+            kept = reusable.get(key.name)
+            self._keys[key.name] = (
+                kept if kept is not None and kept.key == key else _KeyPlans(key, limits, namespace)
+            )
 
     @classmethod
-    def from_config(cls, config: GatewayConfig) -> Planner:
-        return cls(config.limits, config.keys)
+    def from_config(cls, config: GatewayConfig, previous: Planner | None = None) -> Planner:
+        return cls(config.limits, config.keys, previous=previous)
 
     def charges(self, *, key: ApiKey, route: str, model: str | None, tokens: int) -> Plan:
         """The plan for one request: ``tokens`` is the reservation (``estimate_tokens``)."""

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from gateway.config.model import GatewayConfig, LimitsSection
+from gateway.auth import hash_key
+from gateway.config.model import ApiKey, GatewayConfig, Limits, LimitsSection
 from gateway.limits import Planner
 from gateway.limits.lua import ADMIT_SHA
 from gateway.limits.plan import key_id
@@ -113,3 +114,20 @@ def test_planner_from_config() -> None:
     config = GatewayConfig(keys=(key,), limits=LimitsSection(default=limits(30)))
     plan = Planner.from_config(config).charges(key=key, route="r", model=None, tokens=0)
     assert [b.capacity for b in plan.buckets.buckets] == [30]
+
+
+def test_a_rebuilt_planner_keeps_the_plans_of_unchanged_keys_only() -> None:
+    limits = LimitsSection(default=Limits(requests_per_minute=60))
+    same = ApiKey(name="same", hash=hash_key("a"))
+    changed = ApiKey(name="changed", hash=hash_key("b"))
+    first = Planner(limits, [same, changed])
+    plan = first.charges(key=same, route="chat", model=None, tokens=0)
+    edited = ApiKey(name="changed", hash=hash_key("b"), limits=Limits(requests_per_minute=5))
+    second = Planner(limits, [same, edited], previous=first)
+    assert second.charges(key=same, route="chat", model=None, tokens=0).buckets is plan.buckets
+    (bucket,) = second.charges(key=edited, route="chat", model=None, tokens=0).buckets.buckets
+    assert bucket.capacity == 5
+    # Other limits: nothing is reused.
+    third = Planner(LimitsSection(default=Limits(requests_per_minute=1)), [same], previous=second)
+    (bucket,) = third.charges(key=same, route="chat", model=None, tokens=0).buckets.buckets
+    assert bucket.capacity == 1
