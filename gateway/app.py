@@ -31,7 +31,7 @@ from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.openapi import openapi_document
 from gateway.proxy import Proxy
 from gateway.reload import ConfigReloader
-from gateway.runtime import Runtime, build_runtime, retired_clients
+from gateway.runtime import Runtime, build_runtime, build_tables, retired_clients
 from gateway.server.stats import ConnectionStats
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream import ClientFactory, UpstreamClient
@@ -178,7 +178,8 @@ class Gateway:
         for section in ("server", "redis"):
             if getattr(config, section) != getattr(previous.config, section):
                 logger.warning("the '%s' section changed; restart the gateway to apply it", section)
-        current = build_runtime(config, self.client_factory, previous.limiter, previous)
+        tables = await asyncio.to_thread(build_tables, config, previous)
+        current = build_runtime(config, self.client_factory, previous.limiter, previous, tables)
         self._runtime = current
         retired = retired_clients(previous, current)
         if retired:

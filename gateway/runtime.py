@@ -159,14 +159,37 @@ class Runtime:
             await target.client.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class Tables:
+    """The parts of a snapshot that are pure computation over the config (no I/O, no event
+    loop): built in a worker thread on reload, so a config of many keys and routes does not
+    hold the event loop (the thread yields the interpreter every few milliseconds)."""
+
+    routes: RouteTable
+    keys: KeyRing
+    planner: Planner
+    concurrency: Mapping[str, ConcurrencyCaps]
+
+
+def build_tables(config: GatewayConfig, previous: Runtime | None = None) -> Tables:
+    return Tables(
+        routes=RouteTable(config.routes),
+        keys=KeyRing(config.keys, previous.keys if previous else None),
+        planner=Planner.from_config(config, previous.planner if previous else None),
+        concurrency=concurrency_caps(config),
+    )
+
+
 def build_runtime(
     config: GatewayConfig,
     client_factory: ClientFactory,
     limiter: Limiter,
     previous: Runtime | None = None,
+    tables: Tables | None = None,
 ) -> Runtime:
     """A snapshot for ``config``. Pools of upstreams whose settings did not change are reused
-    from ``previous`` (so a reload keeps warm connections); the caller closes the rest."""
+    from ``previous`` (so a reload keeps warm connections); the caller closes the rest. The
+    pools are made here, on the event loop; ``tables`` may have been built elsewhere."""
     upstreams: dict[str, UpstreamTarget] = {}
     for name, upstream in config.upstreams.items():
         old = previous.upstreams.get(name) if previous else None
@@ -175,15 +198,17 @@ def build_runtime(
         else:
             client = client_factory(max_connections=upstream.max_connections)
         upstreams[name] = _target(name, upstream, client)
+    if tables is None:
+        tables = build_tables(config, previous)
     return Runtime(
         config=config,
-        routes=RouteTable(config.routes),
-        keys=KeyRing(config.keys, previous.keys if previous else None),
+        routes=tables.routes,
+        keys=tables.keys,
         upstreams=upstreams,
         models=dict(config.models),
         route_timeouts={route.name: route.timeouts for route in config.routes},
-        planner=Planner.from_config(config, previous.planner if previous else None),
-        concurrency=concurrency_caps(config),
+        planner=tables.planner,
+        concurrency=tables.concurrency,
         limiter=limiter,
     )
 
