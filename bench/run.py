@@ -8,7 +8,7 @@ How to run (from anywhere; needs ``wrk`` and ``taskset`` on PATH, the gateway in
 It prints a table and writes ``bench/results/latest.json`` (git-ignored). The run is one
 process tree: the system under test (the gateway, or the bare app) is pinned to CPU 0; the fake
 upstream (``python -m tests.fakeupstream``), wrk and the aiohttp client are pinned to CPU 1
-(DESIGN §5). Ratios within one run are what hold; absolute figures depend on the machine.
+(docs/design.md §5). Ratios within one run are what hold; absolute figures depend on the machine.
 Every server is started on a free port, used only once it answers, and stopped on the way out,
 also on Ctrl-C or SIGTERM (and on SIGKILL via the kernel's parent-death signal). Run it on an
 otherwise quiet machine: it warns when the CPUs are busy before it starts, and flags figures

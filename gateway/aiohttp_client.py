@@ -1,6 +1,6 @@
 """The hot path's upstream client: aiohttp, with decompression off.
 
-Chosen by measurement (DESIGN §5): an aiohttp client writing ASGI messages measured ~7,500
+Chosen by measurement (docs/design.md §5): an aiohttp client writing ASGI messages measured ~7,500
 non-streaming requests/s on one core against ~400 for httpx's own pool (encode/httpx#3215).
 ``auto_decompress=False`` keeps the body as the upstream encoded it, so the relay forwards raw
 bytes with their ``Content-Encoding``.
@@ -75,7 +75,7 @@ class AiohttpClient:
         timeout = self._timeouts.get(timeouts)
         if timeout is None:
             # sock_read bounds the silence between two reads, not the whole exchange: an LLM
-            # may stream for many minutes (DESIGN §3).
+            # may stream for many minutes (docs/design.md §3).
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
             )

@@ -172,7 +172,8 @@ def invalid_model_type() -> GatewayError:
 
 
 def upstream_unreachable(upstream: str) -> GatewayError:
-    # Names the upstream as the admin called it, never its URL (DESIGN §5: don't disclose it).
+    # Names the upstream as the admin called it, never its URL (docs/design.md §5: peers that
+    # disclose the upstream URL in errors are what we avoid).
     return GatewayError(
         502,
         f"The gateway could not connect to upstream '{upstream}'.",

@@ -1,4 +1,4 @@
-"""Who is the client? Believe forwarded headers only from trusted proxies (DESIGN §3).
+"""Who is the client? Believe forwarded headers only from trusted proxies (docs/design.md §3).
 
 ``ForwardedMiddleware`` is the one place that decides trust (uvicorn's ``--proxy-headers`` stays
 off). For ``http`` and ``websocket`` scopes it sets:

@@ -1,4 +1,4 @@
-"""Which headers cross the gateway, in each direction (RFC 9110 §7.6.1, DESIGN §3).
+"""Which headers cross the gateway, in each direction (RFC 9110 §7.6.1, docs/design.md §3).
 
 The order matters: hop-by-hop headers (the fixed list plus every name the ``Connection`` header
 lists) are stripped first and the gateway's own headers are added afterwards, so a client's
@@ -33,8 +33,9 @@ HOP_BY_HOP = frozenset(
 )
 
 # Never forwarded upstream: the inbound authority (the upstream's own is used), the framing the
-# client used (we send the body we hold), the client's credentials for the gateway (DESIGN §3),
-# and forwarded headers, which the forwarded middleware consumed and the gateway rebuilds.
+# client used (we send the body we hold), the client's credentials for the gateway
+# (docs/design.md §3), and forwarded headers, which the forwarded middleware consumed and the
+# gateway rebuilds.
 _NOT_UPSTREAM = HOP_BY_HOP | {
     b"host",
     b"content-length",

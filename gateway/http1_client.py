@@ -1,11 +1,12 @@
 """The hot path's upstream client: HTTP/1.1 on an asyncio protocol, parsed by httptools.
 
-Chosen by measurement (DESIGN §5, the README's design notes): the relay needs only "send this
-request, give me the status, the raw headers and each body chunk as it arrives", and a general
-client pays for much more on every request (aiohttp: ~61 µs of CPU per request here, ~77 with
-a read timeout; httpx's own pool far more, encode/httpx#3215). This one writes the request in
-one call, lets httptools (the parser uvicorn itself uses) split the response, and hands the
-body on chunk by chunk, undecoded: chunked framing is removed, ``Content-Encoding`` is not.
+Chosen by measurement (docs/design.md §5, the README's design notes): the relay needs only
+"send this request, give me the status, the raw headers and each body chunk as it arrives",
+and a general client pays for much more on every request (aiohttp: ~61 µs of CPU per request
+here, ~77 with a read timeout; httpx's own pool far more, encode/httpx#3215). This one writes
+the request in one call, lets httptools (the parser uvicorn itself uses) split the response,
+and hands the body on chunk by chunk, undecoded: chunked framing is removed,
+``Content-Encoding`` is not.
 
 Connections are pooled per (scheme, host, port) and kept alive when the upstream allows it and
 the body was read to its end. An idempotent request (or one with an ``Idempotency-Key``) that
@@ -212,8 +213,8 @@ class _Connection(asyncio.Protocol):
         or None if nothing is there yet.
 
         httptools reports a chunked body one HTTP chunk at a time; what one read of the socket
-        brought is handed on together, as one network chunk (DESIGN §3), which saves one ASGI
-        message per extra event when several arrive at once."""
+        brought is handed on together, as one network chunk (docs/design.md §3), which saves
+        one ASGI message per extra event when several arrive at once."""
         chunks = self.chunks
         if chunks:
             chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)

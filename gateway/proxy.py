@@ -3,7 +3,8 @@
 ``Proxy.__call__`` reads top to bottom as the algorithm (after Go's ``ReverseProxy.ServeHTTP``):
 route, authenticate, read the body when a rule needs it, resolve the model (from a JSON body, a
 form's ``model`` field, or a model named in the path), send upstream, relay. It writes ASGI
-messages itself: Starlette's ``StreamingResponse`` costs more than the whole relay (DESIGN §5).
+messages itself: Starlette's ``StreamingResponse`` costs more than the whole relay
+(docs/design.md §5).
 The relayed bytes are the upstream's, except for the model list (and a model retrieved through
 an alias), rewritten for the caller (``models_list``), and an error body that quotes an upstream
 secret, masked.
@@ -88,7 +89,7 @@ async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
     """Cancel the relay when the client goes away, even while the upstream is silent.
 
     Without this, a client that closes a paced stream would keep the upstream generating (and
-    billing) until the next chunk failed to send (DESIGN §3: cancel promptly)."""
+    billing) until the next chunk failed to send (docs/design.md §3: cancel promptly)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -426,8 +427,8 @@ class Proxy:
                 else:
                     response.close()
         if admission is not None and admission.decision.plan.buckets.has_tokens:
-            # Every ending gets here, a client disconnect included (DESIGN §3); the response is
-            # already complete, so settling inline delays nobody.
+            # Every ending gets here, a client disconnect included (docs/design.md §3); the
+            # response is already complete, so settling inline delays nobody.
             used = _used_tokens(tap)
             if used is None and (unanswered or (response is not None and response.status >= 400)):
                 # The upstream failed or refused (and reported no usage): it generated nothing,

@@ -4,7 +4,8 @@ Matching works on the *raw* (still percent-encoded) path relative to the root pa
 gateway sends upstream is byte for byte what the client sent: a ``%2F`` inside a file id stays
 ``%2F``. Literal paths are one dict lookup; patterns are tried most specific first (fewer
 catch-alls, longer literal prefix). A path that exists for other methods is a 405 with ``Allow``,
-never a redirect: the OpenAI SDK follows redirects and a redirected POST loses its body (DESIGN §3).
+never a redirect: the OpenAI SDK follows redirects and a redirected POST loses its body
+(docs/design.md §3).
 """
 
 from __future__ import annotations

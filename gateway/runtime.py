@@ -2,7 +2,7 @@
 
 The app holds a single reference to the current snapshot; a request reads it once and finishes on
 it, so a reload (which builds a new snapshot and swaps the reference) never changes the rules
-under a request in flight (DESIGN §1). Upstream pools are created here, in the lifespan, and
+under a request in flight (docs/design.md §1). Upstream pools are created here, in the lifespan, and
 handed down explicitly: nothing lives in module globals.
 """
 

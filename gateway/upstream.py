@@ -2,7 +2,7 @@
 
 The relay only needs: send a request and get the status and raw headers, then read raw body
 chunks as they arrive, then close. Keeping it to that lets the client be chosen by measurement
-(DESIGN §5) and lets tests swap it.
+(docs/design.md §5) and lets tests swap it.
 
 Exceptions, as a tree (after httpx's ``_exceptions.py``)::
 

@@ -1,4 +1,4 @@
-"""Forwarded headers are believed only from trusted proxies (DESIGN §3, RFC 7239)."""
+"""Forwarded headers are believed only from trusted proxies (docs/design.md §3, RFC 7239)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which headers cross the gateway (RFC 9110 §7.6.1, DESIGN §3)."""
+"""Which headers cross the gateway (RFC 9110 §7.6.1, docs/design.md §3)."""
 
 from __future__ import annotations
 

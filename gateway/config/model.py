@@ -54,7 +54,7 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length
 
 class Timeouts(Model):
     """Upstream timeouts in seconds. ``read`` is the longest silence between two chunks, not a
-    total: an LLM may think for minutes before its first token (DESIGN §3)."""
+    total: an LLM may think for minutes before its first token (docs/design.md §3)."""
 
     connect: PositiveSeconds = Field(5.0, description="TCP+TLS connect timeout. Default 5.")
     read: PositiveSeconds = Field(

@@ -1,4 +1,4 @@
-"""Rate limits: per-key token buckets for requests and LLM tokens (DESIGN §3 "Limits").
+"""Rate limits: per-key token buckets for requests and LLM tokens (docs/design.md §3 "Limits").
 
 How the proxy uses them, per request::
 
