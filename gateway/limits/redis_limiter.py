@@ -21,6 +21,8 @@ there to be read.
 Redis for ``breaker_seconds``; then one request probes it (half-open) while the others keep
 falling back, and an answer closes it. The pattern and its three states are Nygard's "Circuit
 Breaker" (Release It!, 2007), as in https://martinfowler.com/bliki/CircuitBreaker.html.
+A lost connection counts once however many calls it failed: one reset (a Redis restart, a load
+balancer cutting an idle connection) under a pipeline of calls is one failure, not an outage.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from gateway.limits import lua
 from gateway.limits.buckets import Decision, Plan
 from gateway.limits.limiter import BreakerState, Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
-from gateway.limits.resp import RECHECK_SECONDS, RespClient
+from gateway.limits.resp import RECHECK_SECONDS, RespClient, lost_generation
 
 logger = logging.getLogger("gateway.limits")
 
@@ -165,6 +167,9 @@ class RedisLimiter:
             self.stats, failures=breaker_failures, cooldown=breaker_seconds, clock=clock
         )
         self._local = local if local is not None else LocalLimiter(stats=self.stats)
+        # The lean client's last lost connection counted by the breaker: the other calls it
+        # failed were in flight with that one and say nothing more about Redis.
+        self._counted_loss: int | None = None
         self._evalsha = True  # False once a proxy in front of Redis refused EVALSHA
         # redis-py's cluster client initializes lazily, and commands racing that first
         # initialization fail (connections are swapped under them): do it once, first.
@@ -273,6 +278,11 @@ class RedisLimiter:
         stats.redis_errors += 1
         stats.last_error = type(exc).__name__
         stats.last_error_at = time.time()
+        generation = lost_generation(exc)
+        if generation is not None:
+            if generation == self._counted_loss:
+                return
+            self._counted_loss = generation
         if self._breaker.failed():
             stats.breaker_trips += 1
             logger.warning(

@@ -16,6 +16,14 @@ and the deadline looks again once the loop has read them. A call times out only 
 after its deadline, its reply has not reached this process at all: Redis (or the network
 between) really took longer than the timeout.
 
+**A silent connection is dropped.** A call that times out without a single byte from Redis since
+it was sent (not merely behind a long pipeline of replies still coming) aborts the connection, so
+the next call connects afresh: when the node vanished without a reset (node lost, a partition, a
+Service IP now pointing elsewhere), reusing the socket would time out every call until the
+kernel gave up, about 15 minutes. Keepalive and, on Linux, ``TCP_USER_TIMEOUT`` catch an idle or
+stuck socket in seconds too. Every call failed by one lost connection carries its generation
+(``lost_generation``), so the limiter's breaker counts the loss once, not once per call.
+
 It speaks to a single Redis (``redis://``, optional user, password and database). Redis
 Cluster, TLS and Unix sockets use redis-py (``build_limiter`` picks). Errors are redis-py's
 exception types, so the limiter's fallbacks (NOSCRIPT, unknown command, connection errors)
@@ -31,6 +39,7 @@ import functools
 import ipaddress
 import select
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
@@ -50,6 +59,30 @@ RECHECK_SECONDS = 0.001
 # afresh (the kernel would retry a lost SYN for minutes). A backstop, not a timeout: callers
 # stopped waiting at their own deadlines long before.
 CONNECT_BACKSTOP_SECONDS = 5.0
+# How long the kernel may keep unacknowledged data (TCP_USER_TIMEOUT) or probe an idle
+# connection (keepalive) before it declares the peer gone, instead of ~15 minutes.
+KEEPALIVE_IDLE_SECONDS = 5
+KEEPALIVE_INTERVAL_SECONDS = 1
+KEEPALIVE_PROBES = 3
+USER_TIMEOUT_MS = 5000
+
+
+class ConnectionLost(RedisConnectionError):
+    """The connection failed under this call. ``generation`` numbers the client's connections:
+    one loss fails every call in flight on it, and they all carry the same number."""
+
+    def __init__(self, message: str, generation: int) -> None:
+        super().__init__(message)
+        self.generation = generation
+
+
+def lost_generation(error: BaseException) -> int | None:
+    """The connection generation whose loss failed this call, if a lost connection did: a
+    ``ConnectionLost``, or a timeout that dropped a silent connection (its cause)."""
+    for candidate in (error, error.__cause__):
+        if isinstance(candidate, ConnectionLost):
+            return candidate.generation
+    return None
 
 
 def pack(args: Args) -> bytes:
@@ -124,7 +157,9 @@ class Deadline:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.received = 0  # data_received calls: whether Redis said anything since a send
         self.reader = hiredis.Reader()
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
@@ -138,12 +173,13 @@ class _Connection(asyncio.Protocol):
         self.alive = True
 
     def data_received(self, data: bytes) -> None:
+        self.received += 1
         self.reader.feed(data)
         while True:
             try:
                 reply = self.reader.gets()
             except hiredis.ProtocolError:
-                self._fail(RedisConnectionError("invalid reply from Redis"))
+                self._fail("invalid reply from Redis")
                 return
             if reply is False:
                 return
@@ -158,21 +194,25 @@ class _Connection(asyncio.Protocol):
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(RedisConnectionError("connection to Redis lost"))
+        self._fail("connection to Redis lost")
 
     def unread(self) -> bool:
         """Redis has sent something the loop has not read yet (or closed the connection)."""
         return pending_events(self.fileno, select.POLLIN)
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, message: str) -> None:
         self.alive = False
         self.fileno = -1  # the number may soon belong to another socket
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(ConnectionLost(message, self.generation))
         if self.transport is not None:
             self.transport.abort()
+
+    def drop(self, message: str) -> None:
+        """Abort the connection, failing the calls still waiting on it."""
+        self._fail(message)
 
     def close(self) -> None:
         self.alive = False
@@ -186,6 +226,17 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(pack(args))
         return future
+
+
+def _detect_dead_peers(sock: socket.socket) -> None:
+    """Let the kernel notice a peer that vanished without a reset in seconds, idle (keepalive)
+    or with data unacknowledged (TCP_USER_TIMEOUT), rather than after ~15 minutes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if sys.platform == "linux":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 class _Attempt:
@@ -226,6 +277,7 @@ class RespClient:
         self._connection: _Connection | None = None
         self._attempt: _Attempt | None = None
         self._resolver: concurrent.futures.ThreadPoolExecutor | None = None
+        self._generation = 0  # of the last connection opened
 
     async def execute_command(self, *args: str | int | bytes) -> Any:
         """Send one command and return its reply, however long it takes."""
@@ -244,10 +296,19 @@ class RespClient:
         future = connection.send(args)
         if within is None:
             return await future
+        heard = connection.received
         # Timed from the write, not from the call: time spent connecting was judged on its own.
         deadline = Deadline(future, future.get_loop().time() + within, within, connection.unread)
         try:
             return await future
+        except RedisTimeoutError as exc:
+            if connection.received != heard or not connection.alive:
+                raise  # Redis is busy answering others on it: a slow Redis, not a dead socket
+            # Not a byte since the command went out, and none waiting (the deadline looked):
+            # the peer may be gone without a reset, so the next call connects afresh.
+            lost = ConnectionLost("Redis went silent; connection dropped", connection.generation)
+            connection.drop(str(lost))
+            raise exc from lost
         finally:
             deadline.cancel()
 
@@ -310,11 +371,16 @@ class RespClient:
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _detect_dead_peers(sock)
                 # Connected (or refused) shows as writable before the loop notices.
                 attempt.step = functools.partial(_writable, sock)
                 await loop.sock_connect(sock, address)
                 attempt.step = _always  # only the loop's own work from here
-                _, connection = await loop.create_connection(_Connection, sock=sock)
+                self._generation += 1
+                generation = self._generation
+                _, connection = await loop.create_connection(
+                    functools.partial(_Connection, generation), sock=sock
+                )
                 break
             except OSError as exc:
                 sock.close()
