@@ -32,13 +32,12 @@ def declared_length(headers: RawHeaders) -> int | None:
 
 async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: BodyLease) -> Body:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit``. Its bytes
-    are taken from the process's body budget through ``lease`` before they are kept: all of a
-    declared length up front, a chunked body as it arrives."""
+    are taken from the process's body budget through ``lease`` as they arrive, before they are
+    kept: a declared length reserves nothing by itself, so headers alone cannot pin the budget
+    (eight heads declaring 32 MiB each would otherwise hold all of it while sending nothing)."""
     length = declared_length(headers)
     if length is not None and length > limit:
         raise errors.body_too_large(limit)
-    if length:
-        await lease.reserve(length)
     body: bytearray | None = None
     while True:
         message = await receive()
@@ -49,8 +48,7 @@ async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: Bo
         if body is None and not more:
             if len(chunk) > limit:
                 raise errors.body_too_large(limit)
-            if length is None:
-                await lease.reserve(len(chunk))
+            await lease.reserve(len(chunk))
             return chunk  # the common case: one message, no copy
         # Gathered in one buffer that is itself the result: joining a list of chunks at the
         # end would hold every large body twice for a moment, beyond what the budget counts.
@@ -58,19 +56,29 @@ async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: Bo
             body = bytearray()
         if len(body) + len(chunk) > limit:
             raise errors.body_too_large(limit)
-        if length is None:
-            await lease.reserve(len(chunk))
+        await lease.reserve(len(chunk))
         body += chunk
         if not more:
             return body
 
 
 def media_type(headers: RawHeaders) -> bytes:
-    """The request's media type, lower-cased, without parameters; ``b""`` when none is given."""
+    """The request's media type, lower-cased, without parameters; ``b""`` when none is given.
+
+    Two ``Content-Type`` headers are refused with 400: the gateway would check the body as one
+    type (or one form boundary) while the upstream might read it as the other."""
+    found: bytes | None = None
     for name, value in headers:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower()
-    return b""
+            if found is not None:
+                raise errors.GatewayError(
+                    400,
+                    "Your request has more than one Content-Type header.",
+                    code="invalid_content_type",
+                    param="content-type",
+                )
+            found = value.split(b";", 1)[0].strip().lower()
+    return b"" if found is None else found
 
 
 def may_be_json(media: bytes) -> bool:
@@ -94,8 +102,8 @@ class BodyBudget:
 
     Each request body is capped (``max_body_bytes``), but many at once are not: twenty uploads
     just under 32 MiB raised the gateway's memory by 600 MB. A body takes its bytes from this
-    budget before they are read (all of a declared ``Content-Length`` at once, a chunked body
-    as it arrives) and gives them back when the request ends. A body that does not fit waits,
+    budget as they arrive, before the gateway keeps them, and gives them back when the request
+    ends. A body that does not fit waits,
     first come first served, up to ``wait`` seconds, then gets 503: the process never holds
     more than ``capacity`` bytes of bodies, whatever the clients send.
     """

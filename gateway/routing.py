@@ -189,7 +189,9 @@ def relative_raw_path(scope_raw_path: bytes | None, path: str, root_path: str) -
 _DOT_SEGMENTS = frozenset({b".", b".."})
 # Bytes no path may hold once decoded: controls (NUL included) and the backslash, which some
 # servers and proxies read as a path separator.
-_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f\\]")
+# ``?`` and ``#`` too: decoded by a server behind the gateway, they would turn part of the path
+# into a query (past the configured query values) or a fragment.
+_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f\\?#]")
 _ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
 
 
@@ -213,13 +215,25 @@ def judge_path(raw_path: str) -> PathVerdict:
     if not ("%" in raw_path or "/." in raw_path or "//" in raw_path or "\\" in raw_path):
         return PathVerdict.SAFE  # the common case, decided without decoding
     decoded = unquote_to_bytes(raw_path)
-    if _FORBIDDEN.search(decoded):
+    if _unsafe_once_decoded(decoded):
         return PathVerdict.UNSAFE
-    segments = decoded.split(b"/")[1:]
-    last = len(segments) - 1
-    for i, segment in enumerate(segments):
-        if segment in _DOT_SEGMENTS or (not segment and i < last):
-            return PathVerdict.UNSAFE
+    if b"%" in decoded and _unsafe_once_decoded(unquote_to_bytes(decoded), slashes=True):
+        # Encoded twice (%252e%252e%252f): safe only if nothing behind the gateway decodes
+        # twice, which the gateway cannot know.
+        return PathVerdict.UNSAFE
     if _ENCODED_SLASH.search(raw_path):
         return PathVerdict.ENCODED_SLASH
     return PathVerdict.SAFE
+
+
+def _unsafe_once_decoded(decoded: bytes, *, slashes: bool = False) -> bool:
+    if _FORBIDDEN.search(decoded):
+        return True
+    segments = decoded.split(b"/")[1:]
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        # ``..;x`` is a dot segment to servlet containers (Tomcat, Jetty), which strip path
+        # parameters before resolving dots.
+        if segment.split(b";", 1)[0] in _DOT_SEGMENTS or (not segment and i < last):
+            return True
+    return False

@@ -89,6 +89,25 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_lets_others_in() -> None:
     assert budget.available == 20
 
 
+def test_declared_lengths_alone_hold_nothing(budgeted: GatewayProcess) -> None:
+    """Heads declaring large bodies, with no body sent, must not pin the budget."""
+    head = CHAT + b"Content-Length: 60000\r\n\r\n"
+    holders = [connect(budgeted.port) for _ in range(4)]
+    try:
+        for sock in holders:
+            sock.sendall(head)
+        time.sleep(0.2)
+        served = httpx.post(
+            budgeted.url + "/v1/chat/completions", content=CHAT_BODY, headers=AUTH, timeout=5
+        )
+        assert served.status_code == 200
+        bodies = httpx.get(budgeted.url + "/readyz", timeout=5).json()["request_bodies"]
+        assert bodies["held_bytes"] == 0
+    finally:
+        for sock in holders:
+            sock.close()
+
+
 async def test_a_body_larger_than_the_whole_budget_is_refused_at_once() -> None:
     budget = BodyBudget(100, wait=5)
     with pytest.raises(errors.GatewayError):
@@ -109,15 +128,15 @@ def budgeted(upstream: FakeUpstream) -> Iterator[GatewayProcess]:
 
 
 def test_bodies_beyond_the_process_budget_wait_then_get_503(budgeted: GatewayProcess) -> None:
-    """Two half-sent 60 kB bodies hold 120 kB of the 128 KiB budget; a third waits 0.5 s and
-    gets 503, and is served once they finish."""
+    """Two 60 kB bodies sent but for their last 1,000 bytes hold 118 kB of the 128 KiB budget;
+    a third waits 0.5 s for room and gets 503, and is served once they finish."""
     size = 60_000
     body = CHAT_BODY + b" " * (size - len(CHAT_BODY))
     head = CHAT + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size
     holders = [connect(budgeted.port) for _ in range(2)]
     try:
         for sock in holders:
-            sock.sendall(head + body[:1000])
+            sock.sendall(head + body[:-1000])
         time.sleep(0.2)
         started = time.monotonic()
         refused = httpx.post(
@@ -130,7 +149,7 @@ def test_bodies_beyond_the_process_budget_wait_then_get_503(budgeted: GatewayPro
         assert refused.json()["error"]["code"] == "server_busy"
         assert 0.4 < time.monotonic() - started < 2
         for sock in holders:
-            sock.sendall(body[1000:])
+            sock.sendall(body[-1000:])
             data, _ = read_all(sock)
             assert data.startswith(b"HTTP/1.1 200 "), data[:100]
     finally:

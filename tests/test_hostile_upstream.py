@@ -237,7 +237,8 @@ def test_a_gzip_bomb_is_relayed_exactly_while_healthz_stays_prompt_and_memory_fl
     assert response.body == careless.bomb
     assert probe.failures == []
     assert probe.answers > 0
-    assert probe.slowest < 0.2, f"/healthz took {probe.slowest * 1000:.0f} ms during the bomb"
+    # Before the bound /healthz stalled 3.8 s; 1 s leaves room for a busy CI machine.
+    assert probe.slowest < 1.0, f"/healthz took {probe.slowest * 1000:.0f} ms during the bomb"
     if rss_before is not None and peak is not None:
         # Unbounded, the usage tap took the process from ~60 MiB to over 1 GiB.
         assert peak - rss_before < 128 * 1024, f"RSS {rss_before} KiB, then a peak of {peak} KiB"

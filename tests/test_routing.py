@@ -151,6 +151,13 @@ def test_relative_raw_path(
         ("/v1/models/a%00b", PathVerdict.UNSAFE),
         ("/v1/models/a%0Ab", PathVerdict.UNSAFE),
         ("/v1/models/a%7fb", PathVerdict.UNSAFE),
+        ("/v1/models/..;/secret", PathVerdict.UNSAFE),  # Tomcat and Jetty read it as ..
+        ("/v1/models/.;x/chat", PathVerdict.UNSAFE),
+        ("/v1/models/x%3Fapi-version%3D9", PathVerdict.UNSAFE),  # a query once decoded
+        ("/v1/models/x%23frag", PathVerdict.UNSAFE),
+        ("/v1/models/%252e%252e%252fsecret", PathVerdict.UNSAFE),  # encoded twice
+        ("/v1/files/100%2525", PathVerdict.SAFE),  # a literal %25 that stays a percent
+        ("/v1/files/a;b", PathVerdict.SAFE),
     ],
 )
 def test_paths_are_judged_by_what_they_mean_once_decoded(

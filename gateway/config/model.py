@@ -469,6 +469,23 @@ class ConnectionSettings(Model):
     body_min_rate: int = Field(
         1024, ge=1, description="Bytes per second that extend 'body_timeout'. Default 1024."
     )
+    body_max_timeout: PositiveSeconds = Field(
+        600.0,
+        description="The longest a request body may take however fast it began (the extensions "
+        "earned by 'body_min_rate' stop here): 408 beyond. Default 600.",
+    )
+    write_stall_timeout: PositiveSeconds = Field(
+        60.0,
+        description="Seconds a client may leave the gateway's responses unread once its socket "
+        "buffer is full; then the connection is dropped and the upstream request cancelled. "
+        "Default 60.",
+    )
+
+    @model_validator(mode="after")
+    def _max_after_base(self) -> ConnectionSettings:
+        if self.body_max_timeout < self.body_timeout:
+            raise ValueError("'body_max_timeout' must be at least 'body_timeout'")
+        return self
 
 
 class ServerSettings(Model):

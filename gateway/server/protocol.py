@@ -36,8 +36,9 @@ import logging
 from typing import Any
 
 import httptools
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from gateway import errors
@@ -51,6 +52,11 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 # How often a body in progress is checked against its deadlines, at most.
 BODY_CHECK_SECONDS = 1.0
+# Requests a client may pipeline behind one still being answered. Each queued head holds memory
+# until its turn; clients that pipeline at all send a few.
+MAX_PIPELINED = 16
+# Bytes of chunked framing allowed per chunk (size line and CRLFs), beyond the head's own cap.
+CHUNK_FRAMING_BYTES = 32
 
 
 class _Refusal(Exception):
@@ -111,8 +117,16 @@ class GatewayProtocol(HttpToolsProtocol):
         self._body_started = 0.0  # when the body timer was armed
         self._body_checked = 0.0  # when the deadlines were last checked
         self._body_last = 0.0  # when body bytes last arrived (or reading was last paused)
+        self._chunks = 0
+        self._body_fed = 0  # body bytes httptools delivered during the current feed
+        self._framing = 0  # bytes inside a body that were not body: chunk lines, trailers
+        self._trailer = 0  # bytes of trailer fields
         self._linger: asyncio.TimerHandle | None = None
         self._drained = 0
+        self._write_timer: asyncio.TimerHandle | None = None
+        # The request whose response is being produced (uvicorn's ``self.cycle`` is the newest
+        # one, which may be queued behind it when the client pipelines).
+        self._active: RequestResponseCycle | None = None
 
     # Connection life
 
@@ -131,10 +145,47 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+        for timer in (self._linger, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._linger = self._write_timer = None
         super().connection_lost(exc)
+        # uvicorn tells only the newest request; the one being answered and any queued behind
+        # it must see the client gone too, or a silent upstream keeps generating for nobody.
+        self._disconnect_all()
+
+    def _disconnect_all(self) -> None:
+        cycles = [self._active, self.cycle, *(cycle for cycle, _ in self.pipeline)]
+        for cycle in cycles:
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._active = cycle
+        super()._start_asgi_task(cycle, app)
+
+    # A client that stops reading: its responses fill the socket's buffer and the relay waits
+    # for room forever, holding an upstream connection (and the key's concurrency slot).
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(
+                self._settings.write_stall_timeout, self._write_stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if not self.transport.is_closing():
+            self._stats.timeouts += 1
+            self.transport.abort()  # connection_lost follows: every request sees the client gone
 
     def eof_received(self) -> None:
         if self._refused:
@@ -149,6 +200,7 @@ class GatewayProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         self._head_began = False
+        self._body_fed = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -178,12 +230,34 @@ class GatewayProtocol(HttpToolsProtocol):
                 limit = self._settings.max_head_bytes
                 self._refuse(errors.head_too_large(f"over {limit} bytes in all"))
                 return
-        elif self._in_body and self._body_timer is None:
-            # Most bodies arrive with their head; only one still arriving pays for a timer.
-            now = self.loop.time()
-            self._body_deadline = now + self._settings.body_timeout
-            self._body_started = self._body_checked = now
-            self._body_timer = self.loop.call_later(self._body_check_delay(), self._body_check)
+        elif self._in_body:
+            # What this read carried besides body bytes: chunk size lines, CRLFs and trailer
+            # fields, which httptools joins before any callback can judge them. Bounded like a
+            # head (RFC 9112 §7.1.2: trailers are a second header section).
+            self._framing += len(data) - self._body_fed
+            allowed = 2 * self._settings.max_head_bytes + CHUNK_FRAMING_BYTES * self._chunks
+            if self._framing > allowed:
+                self._stats.head_too_large += 1
+                self._refuse(errors.head_too_large("chunked framing or trailer fields"))
+                return
+            if self._body_timer is None:
+                # Most bodies arrive with their head; only one still arriving pays for a timer.
+                now = self.loop.time()
+                self._body_deadline = now + self._settings.body_timeout
+                self._body_started = self._body_checked = now
+                self._body_timer = self.loop.call_later(self._body_check_delay(), self._body_check)
+        elif (
+            self.timeout_keep_alive_task is None
+            and self._head_timer is None
+            and not self.pipeline
+            and (self.cycle is None or self.cycle.response_complete)
+        ):
+            # Idle between requests, and this read began none (a stray CRLF, or the end of a
+            # body after an early answer): uvicorn's keep-alive timer, stopped at the first
+            # byte of the read, must run again or the connection would never close.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     # Parser callbacks
 
@@ -203,6 +277,17 @@ class GatewayProtocol(HttpToolsProtocol):
         self._head_parsed += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._awaiting_head:
+            # A trailer field of a chunked body. It arrives after the request was routed and
+            # authenticated, so it is counted and dropped, never added to the headers (which
+            # would let a client add headers the rules never saw).
+            self._trailer += len(name) + len(value) + 4
+            if self._trailer > self._settings.max_head_bytes:
+                limit = self._settings.max_head_bytes
+                raise _Refusal(
+                    errors.head_too_large(f"trailer over {limit} bytes"), "head_too_large"
+                )
+            return
         self._fields += 1
         if self._fields > self._settings.max_header_fields:
             limit = self._settings.max_header_fields
@@ -218,23 +303,35 @@ class GatewayProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        upgrade = self._get_upgrade() if self.parser.should_upgrade() else None
+        if upgrade == b"websocket":
+            raise _Refusal(errors.websocket_not_supported(), "malformed")
+        if upgrade is not None and _has_body(self.headers):
+            # httptools stops parsing at an upgrade: the body would be lost, not relayed.
+            raise _Refusal(errors.malformed_request("an upgrade request with a body"), "malformed")
         self._awaiting_head = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        upgrade = self._get_upgrade() if self.parser.should_upgrade() else None
-        if upgrade == b"websocket":
-            raise _Refusal(errors.websocket_not_supported(), "malformed")
         super().on_headers_complete()
         self._in_body = True
         self._body_bytes = 0
+        self._chunks = 0
+        self._framing = 0
+        self._trailer = 0
+        if len(self.pipeline) > MAX_PIPELINED:
+            raise _Refusal(errors.malformed_request("too many pipelined requests"), "malformed")
         if upgrade is not None:
             # Another protocol (h2c) is ignored, as RFC 9110 §7.8 allows: the request is
             # served as HTTP/1.1. httptools parses nothing after an upgrade request, so the
             # connection ends with this response.
             self.cycle.keep_alive = False
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
     def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
         self._body_bytes += len(body)
         if self._body_timer is not None:
             self._body_last = self.loop.time()
@@ -283,7 +380,11 @@ class GatewayProtocol(HttpToolsProtocol):
             self._body_last = now
         self._body_checked = now
         idle = now - max(self._body_last, self._body_started)
-        earned = self._body_bytes / settings.body_min_rate
+        # Capped like mod_reqtimeout's maximum: a fast burst must not buy hours of trickle.
+        earned = min(
+            self._body_bytes / settings.body_min_rate,
+            settings.body_max_timeout - settings.body_timeout,
+        )
         if idle >= settings.body_idle_timeout or now >= self._body_deadline + earned:
             self._stats.timeouts += 1
             self._refuse(errors.request_timeout("request body"))
@@ -302,17 +403,14 @@ class GatewayProtocol(HttpToolsProtocol):
         """Answer ``error`` if no response has begun, then close after a short drain."""
         self._refused = True
         self._cancel_timers()
-        cycle = self.cycle
-        # No room for a status mid-response, nor after the response to the request whose body
-        # is still arriving (an early 401, say): then the connection is only closed.
-        no_room = cycle is not None and (
-            (cycle.response_started and not cycle.response_complete)
-            or (cycle.response_complete and not self._awaiting_head)
-        )
-        if cycle is not None and not cycle.response_complete:
-            # The application sees the client gone: its reads end, its writes are dropped.
-            cycle.disconnected = True
-            cycle.message_event.set()
+        # The request the refusal is about: a new head's has no cycle yet; a body's is the
+        # newest cycle. A status may be written only if no earlier response is still owed
+        # (HTTP/1.1 answers in order) and this request's own response has not begun.
+        current = None if self._awaiting_head else self.cycle
+        owed = self._active is not None and self._active is not current
+        owed = owed and self._active is not None and not self._active.response_complete
+        no_room = bool(self.pipeline) or owed or (current is not None and current.response_started)
+        self._disconnect_all()
         if self.transport.is_closing():
             return
         if no_room:
@@ -328,6 +426,13 @@ class GatewayProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own plain-text 400 path, should anything still reach it.
         self._refuse(errors.malformed_request(msg))
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 def _from_app(app: object, name: str) -> Any:
