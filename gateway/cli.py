@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -102,8 +103,18 @@ def describe(config: GatewayConfig) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _print_unexpected(path: str, exc: Exception) -> None:
+    # A loader bug or an input it did not foresee: one line names the file and the cause, as a
+    # config error does, rather than a traceback the admin must read through.
+    print(f"{path}: cannot load: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    try:
+        config = _load(args.config)
+    except Exception as exc:
+        _print_unexpected(args.config, exc)
+        return 1
     if config is None:
         return 1
     print(f"{args.config}: OK")
@@ -145,6 +156,9 @@ def demo_key_refusal(config: GatewayConfig, host: str, demo: bool) -> str | None
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Until the app's config reloader installs its SIGHUP handler (at startup), SIGHUP would
+    # terminate the process: a reload sent while the gateway starts must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvicorn
 
     from gateway.app import Gateway
@@ -154,6 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
         config, files = load_config_files(args.config)
     except ConfigError as exc:
         _print_errors(args.config, exc)
+        return 1
+    except Exception as exc:
+        _print_unexpected(args.config, exc)
         return 1
     refusal = demo_key_refusal(config, args.host or config.server.host, args.demo)
     if refusal is not None:

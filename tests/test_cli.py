@@ -186,3 +186,23 @@ def test_serve_refuses_the_demo_key_on_a_public_server_host(tmp_path: Path) -> N
     result = serve("--config", str(config))
     assert result.returncode == 1
     assert "refusing to listen on '0.0.0.0'" in result.stderr
+
+
+def test_check_and_serve_report_an_unexpected_loader_failure_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The loader raises ValueError from realpath for a NUL in a path: not a ConfigError.
+    config = tmp_path / "nul.yaml"
+    config.write_text('include: ["a\\0b.yaml"]\n')
+    expected = f"{config}: cannot load: ValueError: embedded null byte"
+    assert main(["check", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [expected]
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [expected]

@@ -8,7 +8,9 @@ import time
 import pytest
 
 from gateway import errors
+from gateway.body import media_type
 from gateway.multipart import (
+    FORM_DATA,
     MAX_MODEL_BYTES,
     MAX_PARTS,
     FormModel,
@@ -219,3 +221,77 @@ def test_a_new_name_that_could_end_the_part_is_refused(name: str) -> None:
     assert isinstance(found, FormModel)
     with pytest.raises(errors.GatewayError):
         with_model(body, found, name, BOUNDARY)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        (
+            [(b"content-type", b"multipart/form-data; boundary=AAA; boundary=BBB")],
+            "more than one boundary",
+        ),
+        ([(b"content-type", b'multipart/form-data; boundary=AAA;BOUNDARY="B"')], "more than one"),
+        ([(b"content-type", b"multipart/form-data; boundary*=utf-8''AAA")], "boundary*"),
+        (
+            [(b"content-type", b"multipart/form-data; boundary=AAA; boundary*=utf-8''BBB")],
+            "more than one boundary",
+        ),
+        ([(b"content-type", b"multipart/form-data; boundary*0=AAA")], "boundary*"),
+        (
+            [
+                (b"content-type", b"multipart/form-data; boundary=AAA"),
+                (b"content-type", b"multipart/form-data; boundary=BBB"),
+            ],
+            "more than one content-type",
+        ),
+    ],
+    ids=[
+        "two-boundaries",
+        "two-boundaries-cased",
+        "extended",
+        "plain-and-extended",
+        "continued",
+        "two-headers",
+    ],
+)
+def test_a_content_type_another_parser_could_split_elsewhere_is_400(
+    headers: list[tuple[bytes, bytes]], reason: str
+) -> None:
+    with pytest.raises(errors.GatewayError) as refused:
+        boundary(headers)
+    assert (refused.value.status, refused.value.code) == (400, "invalid_multipart")
+    assert reason.lower() in refused.value.message.lower()
+
+
+def test_a_parameter_merely_starting_with_boundary_is_another_parameter() -> None:
+    content_type = b"multipart/form-data; boundaryx=AAA; boundary=BBB"
+    assert boundary([(b"content-type", content_type)]) == b"BBB"
+
+
+def test_two_content_type_headers_are_refused_before_the_body_is_read_by_type() -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-type", FORM_DATA)]
+    with pytest.raises(errors.GatewayError) as refused:
+        media_type(headers)
+    assert refused.value.status == 400
+    assert media_type([(b"content-type", b"Multipart/Form-Data; boundary=x")]) == FORM_DATA
+    assert media_type([]) == b""
+
+
+@pytest.mark.parametrize(
+    "epilogue",
+    [
+        b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n'
+        b"--" + BOUNDARY + b"--\r\n",
+        b"anything",
+        b"\r\n \t x",
+    ],
+    ids=["another-form", "text", "text-after-blanks"],
+)
+def test_bytes_after_the_closing_delimiter_are_refused(epilogue: bytes) -> None:
+    assert "after its closing boundary" in refusal(form(FILE, MODEL) + epilogue).message
+
+
+@pytest.mark.parametrize("epilogue", [b"", b"\r\n", b" \t\r\n\r\n"])
+def test_blanks_after_the_closing_delimiter_are_accepted(epilogue: bytes) -> None:
+    assert model_of(form(FILE, MODEL) + epilogue) == "whisper-1"
+    assert model_of(b"--" + BOUNDARY + b"--" + epilogue) is None
