@@ -134,7 +134,9 @@ class ConfigReloader:
                 return await self._reload()
             except Exception as exc:  # the watcher must outlive any failure, expected or not
                 self._seen = before  # do not retry the same files every poll
-                reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+                # The class only: an unexpected exception's text may quote a config value (a
+                # secret among them); the traceback is at debug level for whoever needs it.
+                reason = f"unexpected {type(exc).__name__}"
                 self._refused(reason)
                 logger.error("config reload failed; the previous config keeps serving: %s", reason)
                 logger.debug("config reload failure", exc_info=True)
@@ -153,7 +155,13 @@ class ConfigReloader:
             )
             return False
         if snapshot.config is None:
-            self._seen = _signature_of(snapshot.stamps)  # not the same broken files every poll
+            # Not the same broken files every poll: watch what was read (a broken file may
+            # name other includes, or none) and what was watched before, each as it was seen.
+            read = _signature_of(snapshot.stamps)
+            named = {file for file, _ in read}
+            kept = _signature(tuple(f for f in self._files if f not in named))
+            self._seen = (*read, *kept)
+            self._files = tuple(file for file, _ in self._seen)
             self._refused(str(snapshot.error))
             logger.error(
                 "config reload refused; the previous config keeps serving:\n%s", snapshot.error
