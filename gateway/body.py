@@ -32,9 +32,12 @@ def declared_length(headers: RawHeaders) -> int | None:
 
 async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: BodyLease) -> Body:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit``. Its bytes
-    are taken from the process's body budget through ``lease`` as they arrive, before they are
-    kept: a declared length reserves nothing by itself, so headers alone cannot pin the budget
-    (eight heads declaring 32 MiB each would otherwise hold all of it while sending nothing)."""
+    are taken from the process's body budget through ``lease`` before they are kept.
+
+    A declared length is taken whole when the body's first bytes arrive: not on the head alone
+    (eight heads declaring 32 MiB each, sending nothing, would pin the whole budget), and not
+    piece by piece (twenty large uploads would each hold a part of the budget and all wait for
+    the rest, and all fail). A chunked body, whose size is unknown, is taken as it arrives."""
     length = declared_length(headers)
     if length is not None and length > limit:
         raise errors.body_too_large(limit)
@@ -45,10 +48,14 @@ async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: Bo
             raise ClientDisconnected
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
+        if body is None:
+            if length is not None:
+                await lease.reserve(length)  # whole, now that the body has begun
+            elif not more:
+                await lease.reserve(len(chunk))
         if body is None and not more:
             if len(chunk) > limit:
                 raise errors.body_too_large(limit)
-            await lease.reserve(len(chunk))
             return chunk  # the common case: one message, no copy
         # Gathered in one buffer that is itself the result: joining a list of chunks at the
         # end would hold every large body twice for a moment, beyond what the budget counts.
@@ -56,7 +63,8 @@ async def read_body(receive: Receive, headers: RawHeaders, limit: int, lease: Bo
             body = bytearray()
         if len(body) + len(chunk) > limit:
             raise errors.body_too_large(limit)
-        await lease.reserve(len(chunk))
+        if length is None:
+            await lease.reserve(len(chunk))
         body += chunk
         if not more:
             return body
@@ -102,8 +110,8 @@ class BodyBudget:
 
     Each request body is capped (``max_body_bytes``), but many at once are not: twenty uploads
     just under 32 MiB raised the gateway's memory by 600 MB. A body takes its bytes from this
-    budget as they arrive, before the gateway keeps them, and gives them back when the request
-    ends. A body that does not fit waits,
+    budget before the gateway keeps them (see ``read_body``) and gives them back when the
+    request ends. A body that does not fit waits,
     first come first served, up to ``wait`` seconds, then gets 503: the process never holds
     more than ``capacity`` bytes of bodies, whatever the clients send.
     """
