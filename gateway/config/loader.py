@@ -45,7 +45,7 @@ from pydantic_core import ErrorDetails
 from gateway.config.checks import KeyPath, Unverified, check_config, format_path, parse_path
 from gateway.config.files import MAX_FILE_BYTES, MAX_TOTAL_BYTES, FileStamp, read_config_file
 from gateway.config.model import ApiKey, GatewayConfig, Route
-from gateway.config.yamldoc import parse_yaml
+from gateway.config.yamldoc import Positions, parse_yaml
 
 __all__ = [
     "INCLUDE_OUTSIDE",
@@ -64,6 +64,10 @@ Where = tuple[str, int | None]
 # section of the config: it decides which files are read before there is a config to validate.
 INCLUDE_OUTSIDE = "include_outside"
 _LISTS: dict[str, type[BaseModel]] = {"routes": Route, "keys": ApiKey}
+_LIST_TYPES: dict[str, Any] = {"routes": list[Route], "keys": list[ApiKey]}
+# Entries of a list validated in one call: a call per entry costs more than the validation of a
+# small one, and a few hundred keys still take only a millisecond or two of the GIL.
+_CHUNK = 256
 _TABLES = {"upstreams": "upstream", "models": "model"}
 # What a failed entry of a list still tells the cross-checks: the route's name, the key's team.
 _NAMED = {"routes": "name", "keys": "team"}
@@ -204,7 +208,7 @@ class _Document:
 
     file: str
     data: dict[str, object]
-    lines: dict[KeyPath, int]
+    lines: Positions
     failed: set[KeyPath]  # paths whose value is already reported (pydantic would repeat it)
     origin: dict[KeyPath, str] = field(default_factory=dict)
 
@@ -215,12 +219,14 @@ class _Document:
             if path[:n] in self.origin:
                 file = self.origin[path[:n]]
                 break
-        lines = self.lines
-        for n in range(len(path), -1, -1):
-            line = lines.get(path[:n])
-            if line is not None:
-                return file, line or None
-        return file, None
+        line = 0
+        positions: Positions | None = self.lines
+        for part in path:
+            entry = None if positions is None else positions.get(part)
+            if entry is None:
+                break
+            line, positions = (entry, None) if isinstance(entry, int) else entry
+        return file, line or None
 
 
 @dataclass
@@ -356,21 +362,17 @@ class _Session:
         """Free the parsed files piece by piece.
 
         Dropped at once, the values and positions of a large config (a quarter of a million
-        entries) are freed in one C call that holds the GIL for tens of milliseconds; item by
-        item, a reload in a thread lets the event loop in between.
+        entries) are freed in one C call that holds the GIL for tens of milliseconds; a few
+        hundred entries at a time, a reload in a thread lets the event loop in between.
         """
         for document in self.documents:
             for value in document.data.values():
-                if isinstance(value, list):
-                    while value:
-                        value.pop()
-                elif isinstance(value, dict):
-                    while value:
-                        value.popitem()
+                _drain(value)
             document.data.clear()
-            lines = document.lines
-            while lines:
-                lines.popitem()
+            for entry in document.lines.values():
+                if isinstance(entry, tuple):
+                    _drain(entry[1])
+            document.lines.clear()
         self.documents.clear()
 
     def _ordered(self) -> list[ConfigIssue]:
@@ -392,8 +394,9 @@ class _Entries:
 
     Pydantic validates a whole config in one call that holds the GIL for its whole length (a
     tenth of a second for 10,000 keys) and, when anything fails, returns no part of the result.
-    Entry by entry, the event loop gets its turns during a reload, and the entries that are
-    valid can be cross-checked at once.
+    Entry by entry (the entries of a list a few hundred at a time, and one by one in a batch that
+    fails), the event loop gets its turns during a reload, and the entries that are valid can be
+    cross-checked at once.
     """
 
     def __init__(self, data: dict[str, object]) -> None:
@@ -404,17 +407,28 @@ class _Entries:
         for section, value in data.items():
             if section in _LISTS and isinstance(value, list):
                 model = _LISTS[section]
+                chunks: TypeAdapter[list[BaseModel]] = TypeAdapter(_LIST_TYPES[section])
                 items: list[BaseModel] = []
                 index: list[int] = []
                 failed: set[str] = set()
-                for i, item in enumerate(value):
-                    entry = self._one(model, item, (section, i), data)
-                    if entry is None:
-                        name = item.get(_NAMED[section]) if isinstance(item, dict) else None
-                        failed.add(name if isinstance(name, str) else "")
-                    else:
-                        items.append(entry)
-                        index.append(i)
+                for start in range(0, len(value), _CHUNK):
+                    chunk = value[start : start + _CHUNK]
+                    try:
+                        validated = chunks.validate_python(chunk)
+                    except ValidationError:  # entry by entry: keep the valid ones, place errors
+                        validated = None
+                    if validated is not None:
+                        items.extend(validated)
+                        index.extend(range(start, start + len(chunk)))
+                        continue
+                    for i, item in enumerate(chunk, start):
+                        entry = self._one(model, item, (section, i), data)
+                        if entry is None:
+                            name = item.get(_NAMED[section]) if isinstance(item, dict) else None
+                            failed.add(name if isinstance(name, str) else "")
+                        else:
+                            items.append(entry)
+                            index.append(i)
                 valid[section] = tuple(items)
                 self.index[section] = index
                 unverified["teams" if section == "keys" else section] = frozenset(failed)
@@ -537,38 +551,68 @@ def _merge(documents: list[_Document], session: _Session) -> _Document:
 class _Moves:
     """Copies an included document's positions (and failures) into the merge, entry by entry.
 
-    The positions are grouped by their first two keys once, so that moving each of 10,000 keys
-    costs its own positions, not a scan of the whole file.
+    Positions are a tree, so moving one of 10,000 keys takes its subtree as it is.
     """
 
     def __init__(self, source: _Document, target: _Document) -> None:
         self.source = source
         self.target = target
-        self._groups: dict[KeyPath, list[tuple[KeyPath, int]]] | None = None
 
     def move(self, old: KeyPath, new: KeyPath) -> None:
         """Copy the positions (and failures) at and under ``old`` to ``new``."""
-        if self._groups is None:
-            self._groups = {}
-            for path, line in self.source.lines.items():
-                self._groups.setdefault(path[:2], []).append((path, line))
-        n = len(old)
-        lines = self.target.lines
-        groups = (
-            [self._groups.get(old, [])]
-            if n == 2
-            else [entries for prefix, entries in self._groups.items() if prefix[:n] == old]
-        )
-        for entries in groups:
-            if new == old:  # a section only this file sets: its paths stay as they are
-                lines.update(entries)
-                continue
-            for path, line in entries:
-                lines[new + path[n:]] = line
+        entry = _entry(self.source.lines, old)
+        if entry is None:  # inside a collection written on one line, which keeps no positions
+            entry = self.source.where(old)[1]
+        parent = _inner(self.target.lines, new[:-1])
+        if entry is not None and parent is not None:
+            if len(new) == 1 and isinstance(entry, tuple):
+                # A whole section: later files add their entries to the merge's copy, not to
+                # this file's positions.
+                entry = (entry[0], dict(entry[1]))
+            parent[new[-1]] = entry
         self.target.origin[new] = self.source.file
+        n = len(old)
         for path in self.source.failed:
             if path[:n] == old:
                 self.target.failed.add(new + path[n:])
+
+
+def _entry(positions: Positions, path: KeyPath) -> int | tuple[int, Positions] | None:
+    """What ``positions`` holds for ``path``: its line, with the positions inside it if any."""
+    entry: int | tuple[int, Positions] | None = None
+    inner: Positions | None = positions
+    for part in path:
+        entry = None if inner is None else inner.get(part)
+        if entry is None:
+            return None
+        inner = None if isinstance(entry, int) else entry[1]
+    return entry
+
+
+def _inner(positions: Positions, path: KeyPath) -> Positions | None:
+    """The positions inside ``path`` (``positions`` itself for ``()``), None if it has none."""
+    for part in path:
+        entry = positions.get(part)
+        if entry is None:
+            return None
+        if isinstance(entry, int):  # a collection written on one line: it gets positions now
+            positions[part] = entry = (entry, {})
+        positions = entry[1]
+    return positions
+
+
+# Entries freed at a time by ``release``: a few hundred take well under a millisecond.
+_RELEASE_STEP = 256
+
+
+def _drain(value: object) -> None:
+    """Empty a large list or dict a step at a time (see ``_Session.release``)."""
+    if isinstance(value, list):
+        while value:
+            del value[-_RELEASE_STEP:]
+    elif isinstance(value, dict):
+        while value:
+            value.popitem()
 
 
 def _at(where: Where) -> str:

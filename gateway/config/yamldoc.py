@@ -5,7 +5,10 @@ with PyYAML's safe scalars, rejecting duplicate keys (PyYAML would keep the last
 expanding ``${NAME}`` / ``${NAME:-default}`` in string values (``$${`` is a literal ``${``;
 mapping keys are never expanded). Building from events rather than from PyYAML's node tree is
 what makes a large config fast: the pure-Python scanner and composer cost seconds for a few MB,
-and the node objects of the C composer keep the garbage collector busy for longer still.
+and the C composer, which makes a node object per value and asks the pure-Python resolver about
+each scalar, takes longer than reading the events alone (and recurses in C, where a deep
+document would overflow the stack). Turning libyaml's events into Python objects is about half
+of loading a large config.
 
 A config is written by people but may come from anywhere, so parsing is bounded: nesting deeper
 than ``MAX_DEPTH`` and aliases expanding to more than ``MAX_ALIAS_NODES`` nodes are refused with
@@ -15,14 +18,15 @@ the line where the limit was reached, before they cost time or memory.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import yaml
 
 from gateway.config.checks import KeyPath
 
-__all__ = ["MAX_ALIAS_NODES", "MAX_DEPTH", "Parsed", "parse_yaml"]
+__all__ = ["MAX_ALIAS_NODES", "MAX_DEPTH", "Parsed", "Positions", "parse_yaml"]
 
 # Real configs nest about 6 deep (routes[0].aliases[0].path); 64 leaves room for any hand-written
 # structure while keeping the builder's recursion far from Python's stack limit (a 100,000-deep
@@ -45,12 +49,26 @@ _REDACT_FROM = 8
 _REDACT_SECRETS_FROM = 3
 _SECRET_SECTIONS = (("auth",), ("headers",), ("query",))
 
-# Events, slimmed to tuples: (kind, line, ...). A tuple of atoms is soon untracked by the garbage
-# collector, unlike PyYAML's event and node objects.
-_SCALAR, _MAP, _SEQ, _END, _RECURSIVE = range(5)
-_ALIAS, _DOCUMENT, _STREAM_END, _OTHER = range(5, 9)  # libyaml's, never passed on
-_Event = tuple[int, int, str | None, str, bool]  # kind, line, tag, scalar value, plain
-_END_EVENT: _Event = (_END, 0, None, "", False)
+# The event classes, compared by identity in the loops below: cheaper than isinstance, and
+# libyaml creates exactly these classes.
+_Scalar = yaml.ScalarEvent
+_MappingStart = yaml.MappingStartEvent
+_SequenceStart = yaml.SequenceStartEvent
+_MappingEnd = yaml.MappingEndEvent
+_SequenceEnd = yaml.SequenceEndEvent
+_Alias = yaml.AliasEvent
+
+# Where the keys of one mapping, or the items of one sequence, were written: key or index -> its
+# line, or (its line, the positions inside it) for a mapping or sequence that has any. A key or
+# item left out is on the line of the entry that holds it: a collection written on one line
+# records nothing. A tree beside the values rather than one table keyed by whole key paths: a
+# key path is only built when something is reported, and a large config has a quarter of a
+# million keys and items.
+Positions: TypeAlias = "dict[str | int, int | tuple[int, Positions]]"
+# PyYAML's events, or a ``_Recursive``. Typed loosely: the stubs make every mark optional, while
+# libyaml always sets them, and the loops below run once per event of a file that may hold half
+# a million.
+_Event: TypeAlias = Any
 
 Problem = tuple[int | None, KeyPath, str]  # line, key path, message
 
@@ -60,7 +78,7 @@ class Parsed:
     """One file's values and where each key path was written."""
 
     data: dict[str, object] | None  # None: the file could not be parsed at all
-    lines: dict[KeyPath, int]
+    lines: Positions  # of the top-level mapping's keys, and under them
     failed: set[KeyPath]  # paths whose value is already reported (pydantic would repeat it)
     problems: list[Problem]
     secrets: dict[str, str] = field(default_factory=dict)  # environment value -> its name
@@ -73,6 +91,15 @@ class _Refused(Exception):
         super().__init__(message)
         self.line = line
         self.message = message
+
+
+class _Recursive:
+    """Stands in for an alias to an anchor whose node is still open (it would contain itself)."""
+
+    __slots__ = ("start_mark",)
+
+    def __init__(self, line: int) -> None:
+        self.start_mark = yaml.Mark("", 0, line - 1, 0, None, 0)
 
 
 def parse_yaml(text: str, env: Mapping[str, str]) -> Parsed:
@@ -106,143 +133,180 @@ def parse_yaml(text: str, env: Mapping[str, str]) -> Parsed:
     except yaml.YAMLError as error:
         builder.parsed.data = None
         builder.parsed.problems.append((None, (), f"YAML: {error}"))
-    except StopIteration:  # libyaml balances its events or raises; this is only a guard
-        builder.parsed.data = None
-        builder.parsed.problems.append((None, (), "YAML: the document ends inside a collection"))
     return builder.parsed
 
 
-def _events(text: str) -> Iterator[_Event]:
-    """libyaml's events as tuples, aliases expanded in place (at most ``MAX_ALIAS_NODES``).
+def _unbalanced() -> _Refused:
+    # libyaml balances its events or raises; this only guards the loops against running on.
+    return _Refused(None, "YAML: unbalanced collection")
 
-    An alias is replayed from the recorded events of its anchor, so the values it produces carry
-    the anchor's lines. An alias to an anchor whose node is still open (it would contain itself)
-    yields one ``_RECURSIVE`` event instead. This loop runs once per event of a file that may
-    hold half a million: it is written for speed.
+
+def _too_deep(event: _Event) -> _Refused:
+    return _Refused(
+        event.start_mark.line + 1,
+        f"nesting deeper than {MAX_DEPTH} levels; a config needs far fewer",
+    )
+
+
+def _no_anchor(event: _Event) -> _Refused:
+    return _Refused(
+        event.start_mark.line + 1, f"YAML: alias *{event.anchor} refers to no anchor before it"
+    )
+
+
+def _expanded(get_event: Callable[[], _Event]) -> Iterator[_Event]:
+    """libyaml's events with aliases expanded in place (at most ``MAX_ALIAS_NODES`` nodes).
+
+    Only for a document with anchors. An alias is replayed from the recorded events of its
+    anchor, so the values it produces carry the anchor's lines. An alias to an anchor whose node
+    is still open yields one ``_Recursive`` instead. Events are recorded only while an anchor is
+    open.
     """
-    # libyaml's parser keeps its own stacks, so even a deep document cannot overflow it; PyYAML's
-    # pure-Python parser (without libyaml) is iterative too, only slower.
-    parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
-    get_event = parser.get_event
-    kinds: dict[type, int] = {
-        yaml.ScalarEvent: _SCALAR,
-        yaml.MappingStartEvent: _MAP,
-        yaml.SequenceStartEvent: _SEQ,
-        yaml.MappingEndEvent: _END,
-        yaml.SequenceEndEvent: _END,
-        yaml.AliasEvent: _ALIAS,
-        yaml.DocumentStartEvent: _DOCUMENT,
-        yaml.StreamEndEvent: _STREAM_END,
-    }
     # name -> start and end in ``recorded``, line, nodes (events less collection ends)
     anchors: dict[str, tuple[int, int, int, int]] = {}
     opened: list[tuple[str, int, int, int]] = []  # name, depth, start, line
-    recorded: list[_Event] = []  # events since the first anchor opened
+    recorded: list[_Event] = []  # the events of anchored nodes, aliases already expanded
     depth = 0
     expanded = 0
-    documents = 0
-    try:
-        while True:
-            event = get_event()
-            kind = kinds.get(type(event), _OTHER)
-            if kind == _SCALAR:
-                slim: _Event = (
-                    _SCALAR,
-                    event.start_mark.line + 1,
-                    event.tag,
-                    event.value,
-                    event.implicit[0],
-                )
-            elif kind == _END:
-                depth -= 1
-                if opened:
-                    recorded.append(_END_EVENT)
-                    while opened and opened[-1][1] > depth:
-                        name, _, start, first = opened.pop()
-                        nodes = sum(1 for e in recorded[start:] if e[0] != _END)
-                        anchors[name] = (start, len(recorded), first, nodes)
-                yield _END_EVENT
-                continue
-            elif kind in (_MAP, _SEQ):
+    while True:
+        event = get_event()
+        kind = type(event)
+        if kind is _Scalar or kind is _MappingStart or kind is _SequenceStart:
+            if kind is not _Scalar:
                 depth += 1
-                slim = (kind, event.start_mark.line + 1, event.tag, "", False)
-            elif kind == _ALIAS:
+            anchor = event.anchor
+            if anchor is not None:
                 line = event.start_mark.line + 1
-                name = event.anchor
-                if name in anchors:
-                    start, end, _, nodes = anchors[name]
-                    expanded += nodes
-                    if expanded > MAX_ALIAS_NODES:
-                        raise _Refused(
-                            line,
-                            f"YAML: aliases expand to more than {MAX_ALIAS_NODES:,} nodes (at "
-                            f"*{name}); a document this repetitive is refused as an alias bomb",
-                        )
-                    replay = recorded[start:end]
-                elif any(name == o[0] for o in opened):
-                    first = next(o[3] for o in opened if o[0] == name)
-                    replay = [(_RECURSIVE, first, None, "", False)]
+                if anchor in anchors or any(anchor == o[0] for o in opened):
+                    first = anchors[anchor][2] if anchor in anchors else line
+                    raise _Refused(
+                        line, f"YAML: anchor &{anchor} is already defined at line {first}"
+                    )
+                if kind is _Scalar:
+                    anchors[anchor] = (len(recorded), len(recorded) + 1, line, 1)
                 else:
-                    raise _Refused(line, f"YAML: alias *{name} refers to no anchor before it")
-                if opened:
-                    recorded.extend(replay)
-                yield from replay
-                continue
-            elif kind == _DOCUMENT:
+                    opened.append((anchor, depth, len(recorded), line))
+                recorded.append(event)
+            elif opened:
+                recorded.append(event)
+            yield event
+        elif kind is _MappingEnd or kind is _SequenceEnd:
+            depth -= 1
+            if opened:
+                recorded.append(event)
+                while opened and opened[-1][1] > depth:
+                    name, _, start, first = opened.pop()
+                    nodes = sum(
+                        1
+                        for e in recorded[start:]
+                        if type(e) is not _MappingEnd and type(e) is not _SequenceEnd
+                    )
+                    anchors[name] = (start, len(recorded), first, nodes)
+            yield event
+        elif kind is _Alias:
+            name = event.anchor
+            replay: list[_Event]
+            if name in anchors:
+                start, end, _, nodes = anchors[name]
+                expanded += nodes
+                if expanded > MAX_ALIAS_NODES:
+                    raise _Refused(
+                        event.start_mark.line + 1,
+                        f"YAML: aliases expand to more than {MAX_ALIAS_NODES:,} nodes (at "
+                        f"*{name}); a document this repetitive is refused as an alias bomb",
+                    )
+                replay = recorded[start:end]
+            elif any(name == o[0] for o in opened):
+                first = next(o[3] for o in opened if o[0] == name)
+                replay = [_Recursive(first)]
+            else:
+                raise _no_anchor(event)
+            if opened:
+                recorded.extend(replay)
+            yield from replay
+        else:  # stream and document events, the builder's business
+            yield event
+
+
+class _Builder:
+    """Builds plain values from the events, recording positions and problems.
+
+    ``mapping`` and ``sequence`` see every event of the file; a string written as such, the
+    common value, is taken there without a call, and a key path is built only for a value that
+    needs one (a nested collection, a problem, a ``${NAME}``). Positions are recorded only where
+    they tell more than the enclosing entry's line: a collection written on that line (a flow
+    ``[a, b]`` or ``{k: v}``, most of a large config's collections) records none, and ``where``
+    falls back to the line of the key that holds it, which is the line of all its contents.
+
+    Recursion follows the nesting, which ``MAX_DEPTH`` bounds; ``skip``, which passes over a
+    value that is reported and dropped, is iterative (and bounded the same way).
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.parsed = Parsed({}, {}, set(), [])
+        self.next_event: Callable[[], _Event] = lambda: None
+        # The positions inside the collection just built, None when all of it is on its line:
+        # a second result of ``mapping`` and ``sequence`` that costs no tuple per collection.
+        self.inner: Positions | None = None
+        self.resolvers = yaml.resolver.Resolver.yaml_implicit_resolvers
+        self.resolvable = frozenset(self.resolvers)  # first characters that may not be a string
+        self.constructor = yaml.constructor.SafeConstructor()
+        self.constructed: dict[tuple[str, str], object] = {}
+        self.plain: dict[str, object] = {}  # plain scalar without ${NAME} -> its value
+        # One string per distinct key: the 10,000 "name" keys of a large config are one, and
+        # the other copies go with their events instead of living until the end. (Not
+        # sys.intern: on Python 3.12 it makes a string immortal, and keys are the config's.)
+        self.keys: dict[str, str] = {}
+
+    def parse(self, text: str) -> None:
+        # libyaml's parser keeps its own stacks, so even a deep document cannot overflow it;
+        # PyYAML's pure-Python parser (without libyaml) is iterative too, only slower.
+        parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+        try:
+            # Without an '&' there is no anchor, so nothing to record or replay: the builder
+            # takes libyaml's events directly. (An '&' in a string only costs the replayer.)
+            get_event = parser.get_event
+            self.next_event = get_event if "&" not in text else _expanded(get_event).__next__
+            self.document()
+        finally:
+            parser.dispose()
+
+    def document(self) -> None:
+        next_event = self.next_event
+        documents = 0
+        root: _Event = None
+        data: object = None
+        while True:
+            event = next_event()
+            kind = type(event)
+            if kind is yaml.StreamEndEvent:
+                break
+            if kind is yaml.DocumentStartEvent:
                 documents += 1
                 if documents > 1:
                     raise _Refused(
                         event.start_mark.line + 1,
                         "YAML: expected a single document in the stream but found another document",
                     )
+            elif kind is yaml.StreamStartEvent or kind is yaml.DocumentEndEvent:
                 continue
-            elif kind == _STREAM_END:
-                return
-            else:  # stream start, document end
-                continue
-            anchor = event.anchor
-            if anchor is not None:
-                line = slim[1]
-                if anchor in anchors or any(anchor == o[0] for o in opened):
-                    first = anchors[anchor][2] if anchor in anchors else line
-                    raise _Refused(
-                        line, f"YAML: anchor &{anchor} is already defined at line {first}"
-                    )
-                if kind == _SCALAR:
-                    anchors[anchor] = (len(recorded), len(recorded) + 1, line, 1)
+            elif root is not None:
+                raise _unbalanced()
+            else:
+                root = event
+                # Line 0: the top level is on no line, so every key's line is recorded.
+                if kind is _MappingStart:
+                    data = self.mapping(event, (), 0, 1)
+                    self.parsed.lines = self.inner or {}
+                elif kind is _SequenceStart:
+                    data = self.sequence(event, (), 0, 1)
                 else:
-                    opened.append((anchor, depth, len(recorded), line))
-                recorded.append(slim)
-            elif opened:
-                recorded.append(slim)
-            yield slim
-    finally:
-        parser.dispose()
-
-
-class _Builder:
-    """Builds plain values from the events, recording positions and problems."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.parsed = Parsed({}, {(): 0}, set(), [])
-        self.events: Iterator[_Event] = iter(())
-        self.depth = 0
-        self.resolvers = yaml.resolver.Resolver.yaml_implicit_resolvers
-        self.resolvable = frozenset(self.resolvers)  # first characters that may not be a string
-        self.constructor = yaml.constructor.SafeConstructor()
-        self.constructed: dict[tuple[str, str], object] = {}
-
-    def parse(self, text: str) -> None:
-        self.events = _events(text)
-        root = next(self.events, None)
-        if root is None:
+                    data = self.node(event, ())
+        if root is None:  # no document, or only comments: an empty config
             return
-        data = self.node(root, ())
-        for _ in self.events:  # the rest of the stream: a second document is an error
-            pass
         if not isinstance(data, dict):
-            self.fail(root[1], (), "the top level must be a mapping of sections")
+            self.fail(root.start_mark.line + 1, (), "the top level must be a mapping of sections")
             self.parsed.data = None
             return
         self.parsed.data = data
@@ -255,168 +319,281 @@ class _Builder:
             self.parsed.failed.add(path)
 
     def node(self, event: _Event, path: KeyPath) -> object:
-        kind, line, tag = event[0], event[1], event[2]
-        if kind == _SCALAR:
+        """The value of anything but a mapping or sequence."""
+        kind = type(event)
+        if kind is _Scalar:
             return self.scalar(event, path)
-        if kind == _RECURSIVE:
-            self.fail(line, path, "an alias refers to a node that contains it")
+        if kind is _Recursive:
+            self.fail(event.start_mark.line + 1, path, "an alias refers to a node that contains it")
             return None
-        if kind == _END:  # libyaml never sends an end first; guard the builder anyway
-            raise _Refused(None, "YAML: unbalanced collection")
-        if tag is not None and tag != "!" and tag != (_MAP_TAG if kind == _MAP else _SEQ_TAG):
-            self.fail(line, path, f"unsupported tag {tag!r}")
-            self.skip(event)
-            return None
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _Refused(
-                line, f"nesting deeper than {MAX_DEPTH} levels; a config needs far fewer"
-            )
-        try:
-            return self.mapping(path) if kind == _MAP else self.sequence(path)
-        finally:
-            self.depth -= 1
+        if kind is _Alias:  # only without anchors; with them, the replayer expands aliases
+            raise _no_anchor(event)
+        raise _unbalanced()
 
-    def skip(self, event: _Event) -> None:
-        """Consume the rest of the collection ``event`` opened (iteratively: it may be deep)."""
-        if event[0] not in (_MAP, _SEQ):
-            return
+    def refused(self, event: _Event, path: KeyPath, depth: int) -> bool:
+        """Whether the collection ``event`` starts, at ``depth``, is not to be built: a tag other
+        than its own is reported and the collection skipped; too deep refuses the file."""
+        tag = event.tag
+        if (
+            tag is not None
+            and tag != "!"
+            and tag != (_MAP_TAG if type(event) is _MappingStart else _SEQ_TAG)
+        ):
+            self.fail(event.start_mark.line + 1, path, f"unsupported tag {tag!r}")
+            self.skip(event, depth)
+            self.inner = None
+            return True
+        if depth > MAX_DEPTH:
+            raise _too_deep(event)
+        return False
+
+    def skip(self, event: _Event, depth: int) -> None:
+        """Consume the rest of the collection ``event`` opened at nesting ``depth``.
+
+        Iteratively, and still refused beyond ``MAX_DEPTH``: libyaml's scanner slows down with
+        the depth of flow collections, quadratically, so passing over a value 100,000 deep took
+        20 seconds, and a file within the size limit can be twenty times as deep.
+        """
+        kind = type(event)
+        if kind is not _MappingStart and kind is not _SequenceStart:
+            if kind is _Alias:
+                raise _no_anchor(event)
+            if kind is _Scalar or kind is _Recursive:
+                return
+            raise _unbalanced()
+        if depth > MAX_DEPTH:
+            raise _too_deep(event)
+        next_event = self.next_event
         open_ = 1
-        for following in self.events:
-            if following[0] in (_MAP, _SEQ):
+        while open_:
+            following = next_event()
+            kind = type(following)
+            if kind is _MappingStart or kind is _SequenceStart:
                 open_ += 1
-            elif following[0] == _END:
+                if depth + open_ - 1 > MAX_DEPTH:
+                    raise _too_deep(following)
+            elif kind is _MappingEnd or kind is _SequenceEnd:
                 open_ -= 1
-                if open_ == 0:
-                    return
+            elif kind is _Alias:
+                raise _no_anchor(following)
+            elif kind is not _Scalar and kind is not _Recursive:
+                raise _unbalanced()
 
-    def sequence(self, path: KeyPath) -> list[object]:
+    def sequence(self, start: _Event, path: KeyPath, line: int, depth: int) -> list[object] | None:
+        """The sequence ``start`` opens at nesting ``depth``, its entry written at ``line``; its
+        positions are left in ``self.inner``."""
+        if (start.tag is not None or depth > MAX_DEPTH) and self.refused(start, path, depth):
+            return None
         items: list[object] = []
-        lines = self.parsed.lines
+        positions: Positions | None = None  # until an item is off ``line``
+        next_event = self.next_event
         resolvable = self.resolvable
-        for event in self.events:
-            if event[0] == _END:
+        plain = self.plain
+        scalar_event, end_event = _Scalar, _SequenceEnd  # locals: the loop runs per event
+        while True:
+            event = next_event()
+            kind = type(event)
+            index = len(items)
+            if kind is scalar_event:
+                value = event.value
+                if event.tag is not None or "$" in value:
+                    items.append(self.scalar(event, (*path, index)))
+                elif not event.implicit[0] or value[:1] not in resolvable:
+                    items.append(value)  # a string as written, the common case
+                else:  # plain, and may be a number, a boolean, a date...
+                    known = plain.get(value, plain)
+                    items.append(self.scalar(event, (*path, index)) if known is plain else known)
+                at = event.start_mark.line + 1
+            elif kind is end_event:
                 break
-            item_path = (*path, len(items))
-            lines[item_path] = event[1]
-            value = event[3]
-            if (  # a string as written, the common case, taken without a call
-                event[0] == _SCALAR
-                and event[2] is None
-                and "$" not in value
-                and not (event[4] and value[:1] in resolvable)
-            ):
-                items.append(value)
-            else:
-                items.append(self.node(event, item_path))
+            elif kind is _MappingStart or kind is _SequenceStart:
+                at = event.start_mark.line + 1
+                items.append(
+                    self.mapping(event, (*path, index), at, depth + 1)
+                    if kind is _MappingStart
+                    else self.sequence(event, (*path, index), at, depth + 1)
+                )
+                if self.inner is not None:
+                    if positions is None:
+                        positions = dict.fromkeys(range(index), line)
+                    positions[index] = (at, self.inner)
+                    continue
+            else:  # an alias or a _Recursive; node() refuses anything else before its mark is read
+                items.append(self.node(event, (*path, index)))
+                at = event.start_mark.line + 1
+            if positions is not None:
+                positions[index] = at
+            elif at != line:
+                positions = dict.fromkeys(range(index), line)
+                positions[index] = at
+        self.inner = positions
         return items
 
-    def mapping(self, path: KeyPath) -> dict[str, object]:
+    def mapping(
+        self, start: _Event, path: KeyPath, line: int, depth: int
+    ) -> dict[str, object] | None:
+        """The mapping ``start`` opens at nesting ``depth``, its entry written at ``line``; its
+        positions are left in ``self.inner``."""
+        if (start.tag is not None or depth > MAX_DEPTH) and self.refused(start, path, depth):
+            return None
         result: dict[str, object] = {}
-        merges: list[tuple[dict[str, object], dict[KeyPath, int]]] = []
-        events = self.events
-        lines = self.parsed.lines
+        positions: Positions | None = None  # until a key is off ``line``
+        merges: list[tuple[dict[str, object], Positions]] | None = None  # rare: made when needed
+        next_event = self.next_event
         resolvable = self.resolvable
-        for key_event in events:
-            kind, line = key_event[0], key_event[1]
-            if kind == _END:
-                break
-            value_event = next(events)
-            if kind != _SCALAR:
-                self.fail(line, path, "a mapping key must be a plain name", dropped=False)
-                self.skip(key_event)
-                self.skip(value_event)
+        plain = self.plain
+        known_key = self.keys.setdefault
+        scalar_event = _Scalar  # a local: the loop runs per event
+        while True:
+            key_event = next_event()
+            kind = type(key_event)
+            if kind is not scalar_event:
+                if kind is _MappingEnd:
+                    break
+                self.odd_key(key_event, path, depth)
                 continue
-            key = key_event[3]  # keys are names: their text, never true/1/null or ${...}
-            tag = key_event[2]
-            if tag == _MERGE_TAG or (tag is None and key_event[4] and key == "<<"):
-                merges.extend(self.merge_sources(value_event, path))
-                continue
-            key_path = (*path, key)
-            if key in result:  # merged keys are added after the loop: these are its own
-                message = f"duplicate key (lines {lines[key_path]} and {line})"
-                self.fail(line, key_path, message, dropped=False)
-                self.skip(value_event)
-                continue
-            lines[key_path] = line
-            value = value_event[3]
-            if (  # a string as written, the common case, taken without a call
-                value_event[0] == _SCALAR
-                and value_event[2] is None
-                and "$" not in value
-                and not (value_event[4] and value[:1] in resolvable)
+            at = key_event.start_mark.line + 1
+            # Keys are names: their text, never true/1/null or ${...}.
+            key = known_key(key_event.value, key_event.value)
+            event = next_event()
+            tag = key_event.tag
+            if (tag is not None or key == "<<") and (
+                tag == _MERGE_TAG or (tag is None and key_event.implicit[0])
             ):
-                result[key] = value
+                sources = self.merge_sources(event, path, depth)
+                merges = sources if merges is None else merges + sources
+                continue
+            if key in result:  # merged keys are added after the loop: these are its own
+                first = line if positions is None else positions[key]
+                first_line = first if isinstance(first, int) else first[0]
+                message = f"duplicate key (lines {first_line} and {at})"
+                self.fail(at, (*path, key), message, dropped=False)
+                self.skip(event, depth + 1)
+                continue
+            kind = type(event)
+            if kind is scalar_event:
+                value = event.value
+                if event.tag is not None or "$" in value:
+                    result[key] = self.scalar(event, (*path, key))
+                elif not event.implicit[0] or value[:1] not in resolvable:
+                    result[key] = value  # a string as written, the common case
+                else:  # plain, and may be a number, a boolean, a date...
+                    known = plain.get(value, plain)
+                    result[key] = self.scalar(event, (*path, key)) if known is plain else known
+            elif kind is _MappingStart or kind is _SequenceStart:
+                result[key] = (
+                    self.mapping(event, (*path, key), at, depth + 1)
+                    if kind is _MappingStart
+                    else self.sequence(event, (*path, key), at, depth + 1)
+                )
+                if self.inner is not None:
+                    if positions is None:
+                        positions = dict.fromkeys(result, line)
+                    positions[key] = (at, self.inner)
+                    continue
             else:
-                result[key] = self.node(value_event, key_path)
-        for source, inner in merges:  # YAML's "<<: *defaults"; the mapping's own keys win
-            depth = len(path)
-            by_key: dict[object, list[tuple[KeyPath, int]]] = {}
-            for inner_path, inner_line in inner.items():
-                if len(inner_path) > depth:
-                    by_key.setdefault(inner_path[depth], []).append((inner_path, inner_line))
-            for key, merged in source.items():
-                if key not in result:
-                    result[key] = merged
-                    lines.update(by_key.get(key, ()))
+                result[key] = self.node(event, (*path, key))
+            if positions is not None:
+                positions[key] = at
+            elif at != line:
+                positions = dict.fromkeys(result, line)
+                positions[key] = at
+        if merges:  # YAML's "<<: *defaults"; the mapping's own keys win
+            if positions is None:
+                positions = dict.fromkeys(result, line)
+            for source, where in merges:
+                for key, merged in source.items():
+                    if key not in result:
+                        result[key] = merged
+                        positions[key] = where[key]
+        self.inner = positions
         return result
 
+    def odd_key(self, event: _Event, path: KeyPath, depth: int) -> None:
+        """A key of the mapping at ``depth`` that is not a scalar: reported, and skipped with
+        its value."""
+        kind = type(event)
+        if kind is _Alias:
+            raise _no_anchor(event)
+        if kind is not _MappingStart and kind is not _SequenceStart and kind is not _Recursive:
+            raise _unbalanced()
+        self.skip(event, depth + 1)  # the whole key first: its value follows it
+        value = self.next_event()
+        self.fail(
+            event.start_mark.line + 1, path, "a mapping key must be a plain name", dropped=False
+        )
+        self.skip(value, depth + 1)
+
     def merge_sources(
-        self, event: _Event, path: KeyPath
-    ) -> list[tuple[dict[str, object], dict[KeyPath, int]]]:
-        """The mappings a ``<<`` key merges, each with the positions of its keys."""
-        if event[0] == _SEQ:
-            self.depth += 1
-            try:
-                sources = []
-                for item in self.events:
-                    if item[0] == _END:
-                        break
-                    sources.extend(self.merge_sources(item, path) if item[0] == _MAP else [])
-                    if item[0] != _MAP:
-                        self.fail(
-                            item[1],
-                            path,
-                            "'<<' needs a mapping or a list of mappings",
-                            dropped=False,
-                        )
-                        self.skip(item)
-                return sources
-            finally:
-                self.depth -= 1
-        if event[0] != _MAP:
-            self.fail(event[1], path, "'<<' needs a mapping or a list of mappings", dropped=False)
-            self.skip(event)
+        self, event: _Event, path: KeyPath, depth: int
+    ) -> list[tuple[dict[str, object], Positions]]:
+        """The mappings a ``<<`` key of a mapping at ``depth`` merges, each with the positions
+        of its keys."""
+        kind = type(event)
+        if kind is _SequenceStart:
+            sources = []
+            while True:
+                item = self.next_event()
+                kind = type(item)
+                if kind is _SequenceEnd:
+                    break
+                if kind is _MappingStart:
+                    sources.extend(self.merge_sources(item, path, depth + 1))
+                    continue
+                if kind is _Alias:
+                    raise _no_anchor(item)
+                if kind is not _Scalar and kind is not _SequenceStart and kind is not _Recursive:
+                    raise _unbalanced()
+                message = "'<<' needs a mapping or a list of mappings"
+                self.fail(item.start_mark.line + 1, path, message, dropped=False)
+                self.skip(item, depth + 2)
+            return sources
+        if kind is not _MappingStart:
+            if kind is _Alias:
+                raise _no_anchor(event)
+            if kind is not _Scalar and kind is not _Recursive:
+                raise _unbalanced()
+            message = "'<<' needs a mapping or a list of mappings"
+            self.fail(event.start_mark.line + 1, path, message, dropped=False)
+            self.skip(event, depth + 1)
             return []
-        outer, self.parsed.lines = self.parsed.lines, {}
-        try:
-            merged = self.node(event, path)
-        finally:
-            inner, self.parsed.lines = self.parsed.lines, outer
-        return [(merged, inner)] if isinstance(merged, dict) else []
+        line = event.start_mark.line + 1
+        merged = self.mapping(event, path, line, depth + 1)
+        if merged is None:
+            return []
+        # Every key the mapping keeps no position for is on its first line.
+        return [(merged, dict.fromkeys(merged, line) if self.inner is None else self.inner)]
 
     def scalar(self, event: _Event, path: KeyPath) -> object:
-        _, line, tag, value, plain = event
+        value: str = event.value
+        tag: str | None = event.tag
+        # A plain scalar without a tag or ${NAME} is the same value wherever it is written:
+        # ``mapping`` and ``sequence`` look it up in ``self.plain`` before calling here.
+        cacheable = tag is None and event.implicit[0] and "$" not in value
         if tag is None or tag == "!":
             tag = _STR_TAG
-            if plain:
+            if event.implicit[0]:  # plain: resolved like PyYAML, by a pattern per first letter
                 for candidate, pattern in self.resolvers.get(value[:1], ()):
                     if pattern.match(value):
                         tag = candidate
                         break
         if tag == _STR_TAG:
-            return self.expand(value, line, path) if "$" in value else value
-        cached = self.constructed.get((tag, value), self)
-        if cached is not self:
-            return cached
-        try:
-            node = yaml.ScalarNode(tag, value)
-            constructed = self.constructor.construct_object(node, deep=True)
-        except Exception as error:  # a constructor's failure is a problem with this value
-            problem = getattr(error, "problem", None) or f"invalid value: {error}"
-            self.fail(line, path, str(problem))
-            return None
-        self.constructed[(tag, value)] = constructed
+            if "$" in value:
+                return self.expand(value, event.start_mark.line + 1, path)
+            constructed: object = value
+        else:
+            constructed = self.constructed.get((tag, value), self)
+            if constructed is self:
+                try:
+                    node = yaml.ScalarNode(tag, value)
+                    constructed = self.constructor.construct_object(node, deep=True)
+                except Exception as error:  # a constructor's failure is a problem with this value
+                    problem = getattr(error, "problem", None) or f"invalid value: {error}"
+                    self.fail(event.start_mark.line + 1, path, str(problem))
+                    return None
+                self.constructed[(tag, value)] = constructed
+        if cacheable:
+            self.plain[value] = constructed
         return constructed
 
     def expand(self, text: str, line: int, path: KeyPath) -> str:

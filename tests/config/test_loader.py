@@ -18,6 +18,7 @@ HASH_A = "sha256:" + "a" * 64
 HASH_B = "sha256:" + "b" * 64
 SECRET = "sk-proj-Sup3rS3cretValue"
 ENV = {"OPENAI_API_KEY": SECRET}
+NOT_A_NUMBER = "Input should be a valid number, unable to parse string as a number"
 
 MINIMAL = """\
 upstreams:
@@ -280,6 +281,81 @@ def test_recursive_alias_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "gateway.yaml", "routes: &r\n  - *r\n")
     # An alias is its anchored node, so the line is the anchor's.
     assert errors(path) == [f"{path}:1: routes[0]: an alias refers to a node that contains it"]
+
+
+def test_a_merged_value_is_reported_at_the_anchors_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        """\
+        upstreams:
+          a: &base
+            base_url: http://a
+            timeouts: {read: slow}
+          b:
+            <<: *base
+            base_url: http://b
+        routes: []
+        """,
+    )
+    assert errors(path) == [
+        f"{path}:4: upstreams.a.timeouts.read: {NOT_A_NUMBER}",
+        f"{path}:4: upstreams.b.timeouts.read: {NOT_A_NUMBER}",
+    ]
+
+
+def test_a_complex_mapping_key_is_reported_and_the_rest_of_its_mapping_kept(
+    tmp_path: Path,
+) -> None:
+    # The key, a whole collection, is passed over before its value is read.
+    path = write(
+        tmp_path, "gateway.yaml", "server:\n  ? [a, [b]]\n  : {c: d}\n  port: x\nroutes: []\n"
+    )
+    assert errors(path, {}) == [
+        f"{path}:2: server: a mapping key must be a plain name",
+        f"{path}:4: server.port: Input should be a valid integer, unable to parse string as an "
+        "integer",
+    ]
+
+
+def test_errors_inside_flow_collections_point_at_their_own_lines(tmp_path: Path) -> None:
+    """Positions are kept only where they differ from the line of the enclosing key; a flow
+    collection over several lines keeps them, one on a single line points at that line (in an
+    included file too)."""
+    path = write(
+        tmp_path,
+        "gateway.yaml",
+        """\
+        upstreams:
+          u: {base_url: "http://u", timeouts: {connect: x,
+                read: y}}
+        routes:
+          - {name: a, path: /a, upstream: u,
+             methods: [GET, "BR EW"]}
+          - name: b
+            path: /b
+            upstream: u
+            aliases: [{path: /old-b, deprecated: someday}]
+        include: [keys.yaml]
+        """,
+    )
+    keys = write(
+        tmp_path,
+        "keys.yaml",
+        f'keys: [{{name: k1, hash: "{HASH_A}", team: t}}, {{name: k2, hash: "sha256:a", '
+        "team: t}]\n",
+    )
+    assert errors(path, {}) == [
+        f"{path}:2: upstreams.u.timeouts.connect: {NOT_A_NUMBER}",
+        f"{path}:3: upstreams.u.timeouts.read: {NOT_A_NUMBER}",
+        f"{path}:6: routes[0].methods: unknown method 'BR EW'; use one of GET, POST, PUT, PATCH, "
+        "DELETE, HEAD, OPTIONS",
+        f"{path}:10: routes[1].aliases[0].deprecated: Input should be a valid boolean, unable to "
+        "interpret input; or a valid date or datetime, input is too short",
+        f"{keys}:1: keys[1].hash: must be the key's hash, 'sha256:' and 64 lowercase hex digits: "
+        "run 'gateway keys new NAME' and paste the hash it prints (for an existing key: echo "
+        '"$KEY" | gateway keys hash)',
+    ]
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
