@@ -37,6 +37,9 @@ MAX_DEPTH = 64
 # few defaults, so 100,000 nodes produced by aliases is far beyond legitimate use yet costs only
 # a fraction of a second to reach.
 MAX_ALIAS_NODES = 100_000
+# The longest plain scalar read as a number.
+MAX_NUMBER_CHARS = 64
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -166,9 +169,23 @@ def _expanded(get_event: Callable[[], _Event]) -> Iterator[_Event]:
     anchors: dict[str, tuple[int, int, int, int]] = {}
     opened: list[tuple[str, int, int, int]] = []  # name, depth, start, line
     recorded: list[_Event] = []  # the events of anchored nodes, aliases already expanded
+    # Anchors too large ever to be replayed (an alias to one would expand past the budget by
+    # itself): their events are not kept, so one anchor on a large list cannot hold every
+    # event of the file in memory (~200 times the file's size).
+    oversized: dict[str, int] = {}  # name -> line
     depth = 0
     expanded = 0
     while True:
+        if opened and len(recorded) - opened[0][2] > MAX_ALIAS_NODES:
+            cut = opened[0][2]
+            for name, _, _, line in opened:
+                oversized[name] = line
+            for name, (start, _, line, _) in list(anchors.items()):
+                if start >= cut:
+                    del anchors[name]
+                    oversized[name] = line
+            opened.clear()
+            del recorded[cut:]
         event = get_event()
         kind = type(event)
         if kind is _Scalar or kind is _MappingStart or kind is _SequenceStart:
@@ -216,6 +233,12 @@ def _expanded(get_event: Callable[[], _Event]) -> Iterator[_Event]:
                         f"*{name}); a document this repetitive is refused as an alias bomb",
                     )
                 replay = recorded[start:end]
+            elif name in oversized:
+                raise _Refused(
+                    event.start_mark.line + 1,
+                    f"YAML: aliases expand to more than {MAX_ALIAS_NODES:,} nodes (*{name} "
+                    f"names the anchor at line {oversized[name]}, larger than that by itself)",
+                )
             elif any(name == o[0] for o in opened):
                 first = next(o[3] for o in opened if o[0] == name)
                 replay = [_Recursive(first)]
@@ -581,6 +604,12 @@ class _Builder:
             if "$" in value:
                 return self.expand(value, event.start_mark.line + 1, path)
             constructed: object = value
+        elif len(value) > MAX_NUMBER_CHARS and tag in _NUMBER_TAGS:
+            # PyYAML's base-60 integers (1:2:3...) cost time quadratic in their length: 160 kB
+            # took 1.7 s, a 4 MiB file would take minutes. No setting needs such a number.
+            limit = MAX_NUMBER_CHARS
+            self.fail(event.start_mark.line + 1, path, f"a number longer than {limit} characters")
+            return None
         else:
             constructed = self.constructed.get((tag, value), self)
             if constructed is self:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config.files import MAX_FILE_BYTES, MAX_TOTAL_BYTES
-from gateway.config.loader import ConfigError, load_config
+from gateway.config.loader import ConfigError, load_config, parse_config_text
 from gateway.config.yamldoc import MAX_ALIAS_NODES, MAX_DEPTH
 
 FAST = 1.0  # seconds: what "at once" means for every refusal below
@@ -228,3 +229,25 @@ def test_gateway_check_answers_a_hostile_file_at_once_without_a_traceback(
     err = capsys.readouterr().err
     assert f"{path}:8: YAML: aliases expand to more than" in err
     assert "Traceback" not in err
+
+
+def test_a_long_base_60_number_is_refused_at_once() -> None:
+    """PyYAML's base-60 integers cost time quadratic in their length (160 kB: 1.7 s)."""
+    started = time.process_time()
+    with pytest.raises(ConfigError, match="a number longer than 64 characters"):
+        parse_config_text("routes: []\nx: " + "1:" * 200_000 + "1\n")
+    assert time.process_time() - started < 1.0
+
+
+def test_one_anchor_on_a_large_list_keeps_memory_bounded_and_its_alias_is_refused() -> None:
+    text = "routes: []\nbig: &a [" + ", ".join(["x"] * 300_000) + "]\n"
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError):  # 'big' is no setting; what matters is the memory
+            parse_config_text(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 120 * 1024 * 1024  # every event kept took ~200 bytes per byte of file
+    with pytest.raises(ConfigError, match=r"\*a names the anchor at line 2"):
+        parse_config_text(text + "again: *a\n")
