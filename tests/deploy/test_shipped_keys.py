@@ -76,6 +76,8 @@ def test_shipped_config_passes_check_and_may_listen_anywhere_once_a_real_hash_is
     assert f"{filled}: OK" in capsys.readouterr().out
     config = parse_config_text(filled.read_text(), str(filled), ENV)
     assert demo_key_refusal(config, "0.0.0.0", demo=False) is None
+    # As shipped, one key cannot hold the whole upstream pool.
+    assert config.limits.default.max_concurrent is not None
 
 
 def test_shipped_config_with_the_demo_key_pasted_in_is_refused_on_the_image_host() -> None:
