@@ -57,9 +57,11 @@ _NOT_UPSTREAM = HOP_BY_HOP | {
 # The server frames the response it sends (chunked or not); the upstream's framing is its own.
 _NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
 
-# The content codings zlib inflates (RFC 9110 §8.4.1: x-gzip is gzip); the upstream is offered
-# no others, whatever the client accepts.
-_INSPECTABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"identity"})
+# The content codings zlib inflates (RFC 9110 §8.4.1: x-gzip is gzip): the one list the usage
+# tap, the error-body masking and the model-list rewrite read. The upstream is offered no
+# others, whatever the client accepts.
+INFLATABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate"})
+_INSPECTABLE_CODINGS = INFLATABLE_CODINGS | {b"identity"}
 # What clients send most (httpx and so the openai SDK: "gzip, deflate"), known to need no
 # narrowing: one set lookup instead of parsing the list on every request.
 _INSPECTABLE_AS_SENT = frozenset(

@@ -27,7 +27,12 @@ import orjson
 from gateway import body as request_body
 from gateway import errors, models_list, multipart
 from gateway.auth import Principal
-from gateway.headers import downstream_response_headers, mask_secrets, upstream_request_headers
+from gateway.headers import (
+    INFLATABLE_CODINGS,
+    downstream_response_headers,
+    mask_secrets,
+    upstream_request_headers,
+)
 from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
 from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
@@ -567,7 +572,6 @@ def _cut(scope: Scope, exc: UpstreamStreamError, sent: int) -> bool:
 # after inflating: an error is a few hundred bytes. A larger body is relayed as it comes,
 # unmasked (README: "What the gateway guarantees about upstream secrets").
 ERROR_BODY_BYTES = 1024 * 1024
-_INFLATABLE = frozenset({b"gzip", b"x-gzip", b"deflate"})
 _GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS  # zlib detects either header
 _INFLATE_INPUT_STEP = 64 * 1024
 
@@ -618,7 +622,7 @@ def _decoded_body(body: bytes, headers: RawHeaders, limit: int) -> bytes | None:
             coding = value.strip().lower()
     if coding in (b"", b"identity"):
         return body if len(body) <= limit else None
-    if coding in _INFLATABLE:
+    if coding in INFLATABLE_CODINGS:
         return _inflated_error_body(body, coding, limit)
     return None
 

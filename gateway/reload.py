@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.config.files import FileStamp, Identity, identity_of, reread
-from gateway.config.loader import ConfigSnapshot, read_config
+from gateway.config.loader import ConfigSnapshot, collection_paused, read_config
 from gateway.config.model import GatewayConfig
 
 logger = logging.getLogger("gateway.reload")
@@ -80,27 +79,14 @@ def _unchanged(stamps: tuple[FileStamp, ...]) -> bool:
     return all(reread(stamp) == stamp for stamp in stamps)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a config is loaded and applied, and none over it after.
-
-    A full collection walks every tracked object while holding the GIL: with a config of 10,000
-    keys alive, twice during a reload, that is 50-170 ms in one piece on a small machine, the
-    stalls that took serving p99 from milliseconds to hundreds. Loading allocates enough to set
-    off several. So collection waits for the reload, and what is alive then (the new config, the
-    process's long-lived objects) is frozen (``gc.freeze``, bpo-31558) out of later collections.
-    The price: cyclic garbage alive at that moment is never collected; reloads are rare and a
-    config holds no cycles, so this is a few objects per reload.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
+# No cyclic garbage collection while a config is loaded and applied, and none over it after
+# (``collection_paused(freeze=True)``). A full collection walks every tracked object while
+# holding the GIL: with a config of 10,000 keys alive, twice during a reload, that is 50-170 ms
+# in one piece on a small machine, the stalls that took serving p99 from milliseconds to
+# hundreds. Loading allocates enough to set off several. So collection waits for the reload,
+# and what is alive then (the new config, the process's long-lived objects) is frozen out of
+# later collections. The price: cyclic garbage alive at that moment is never collected; reloads
+# are rare and a config holds no cycles, so this is a few objects per reload.
 
 
 class ConfigReloader:
@@ -143,7 +129,7 @@ class ConfigReloader:
                 return False
 
     async def _reload(self) -> bool:
-        with _collector_paused():
+        with collection_paused(freeze=True):
             return await self._load_and_apply()
 
     async def _load_and_apply(self) -> bool:

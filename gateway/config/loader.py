@@ -137,7 +137,7 @@ def read_config(
     """Read, parse and validate the config at ``path``; never raises ``ConfigError``."""
     file = os.fspath(path)
     session = _Session(os.environ if env is None else env, _roots(file), require_routes=True)
-    with _no_collection():
+    with collection_paused():
         data = session.read(file)
         if isinstance(data, str):
             session.issues.append(ConfigIssue(file, None, "", f"cannot read: {data}"))
@@ -149,12 +149,13 @@ def read_config(
 
 
 @contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
+def collection_paused(*, freeze: bool = False) -> Iterator[None]:
     """Cyclic garbage collection paused while a config is built.
 
     Everything a load allocates stays alive until it ends, so collections during it find nothing
     to free; with a large config they were a third of the time. Left as it is if already paused
-    (the reloader pauses it for longer).
+    (the reloader pauses it for longer). ``freeze``: what is alive at the end is moved out of
+    later collections (``gc.freeze``, bpo-31558); see gateway/reload.py for why a reload does.
     """
     if not gc.isenabled():
         yield
@@ -163,6 +164,8 @@ def _no_collection() -> Iterator[None]:
     try:
         yield
     finally:
+        if freeze:
+            gc.freeze()
         gc.enable()
 
 

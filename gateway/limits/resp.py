@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import ipaddress
 import select
@@ -402,11 +403,8 @@ class RespClient:
 
     async def _addresses(self, attempt: _Attempt) -> list[tuple[int, Any]]:
         """Where Redis may be, in the resolver's order; an IP address as it is."""
-        try:
+        with contextlib.suppress(ValueError):  # not an address: a name to resolve below
             ip = ipaddress.ip_address(self._host)
-        except ValueError:
-            pass
-        else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             return [(family, (self._host, self._port))]
         # In a thread of our own, so that a deadline can see the answer has come (done())

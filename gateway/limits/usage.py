@@ -75,6 +75,8 @@ from typing import Any
 
 import orjson
 
+from gateway.headers import INFLATABLE_CODINGS
+
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _MAX_OBJECTS = 8  # "usage" keys tried per search, from the last
 _MAX_BRACES = 64  # closing braces tried per usage object before giving up on it
@@ -82,7 +84,7 @@ _MAX_OBJECT_BYTES = 4096  # where those braces may be: a real usage object is ~3
 _MAX_SEARCHES = 16  # brace searches per event stream (each event with "usage" may need one)
 _MAX_INFLATED = 32 * 1024 * 1024  # default per response: a chat body is KBs, a big embedding MBs
 _INFLATE_STEP = 1024 * 1024  # most one zlib call may produce: bounds a chunk's transient memory
-_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
+_INFLATABLE = frozenset(coding.decode() for coding in INFLATABLE_CODINGS)
 # zlib's automatic header detection: gzip or zlib-wrapped deflate (what HTTP calls deflate).
 _AUTO_WBITS = 32 + zlib.MAX_WBITS
 

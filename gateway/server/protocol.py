@@ -407,8 +407,8 @@ class GatewayProtocol(HttpToolsProtocol):
         # newest cycle. A status may be written only if no earlier response is still owed
         # (HTTP/1.1 answers in order) and this request's own response has not begun.
         current = None if self._awaiting_head else self.cycle
-        owed = self._active is not None and self._active is not current
-        owed = owed and self._active is not None and not self._active.response_complete
+        active = self._active
+        owed = active is not None and active is not current and not active.response_complete
         no_room = bool(self.pipeline) or owed or (current is not None and current.response_started)
         self._disconnect_all()
         if self.transport.is_closing():
