@@ -19,26 +19,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from gateway import errors
-from gateway.access_log import AccessLog, BufferedLines
-from gateway.aiohttp_client import AiohttpClient
-from gateway.body import BodyBudget
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
-from gateway.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
-from gateway.http1_client import Http1Client
+from gateway.endpoints.openapi import openapi_document
+from gateway.http.body import BodyBudget
+from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.limits import Limiter, LimiterStats, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
-from gateway.openapi import openapi_document
-from gateway.proxy import Proxy
+from gateway.observability.access_log import AccessLog, BufferedLines
+from gateway.pipeline.proxy import Proxy
 from gateway.reload import ConfigReloader
 from gateway.runtime import Runtime, build_runtime, build_tables, retired_clients
 from gateway.server.stats import ConnectionStats
 from gateway.types import ASGIApp, Receive, Scope, Send
-from gateway.upstream import ClientFactory, UpstreamClient
+from gateway.upstream.seam import ClientFactory, UpstreamClient
+from gateway.upstream.transports.aiohttp import AiohttpClient
+from gateway.upstream.transports.http1 import Http1Client
 
 logger = logging.getLogger("gateway.app")
 
-# The upstream clients behind the seam (gateway/upstream.py), by their config name.
+# The upstream clients behind the seam (gateway/upstream/seam.py), by their config name.
 CLIENTS: dict[str, ClientFactory] = {"http1": Http1Client, "aiohttp": AiohttpClient}
 
 # How long a pool the new config no longer uses stays open for the requests still on it.

@@ -18,7 +18,7 @@ from gateway.config.model import GatewayConfig, ModelAlias, Timeouts, Upstream
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
 from gateway.routing import RouteTable
-from gateway.upstream import ClientFactory, UpstreamClient
+from gateway.upstream.seam import ClientFactory, UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway import errors
-from gateway.body import BodyBudget
+from gateway.http.body import BodyBudget
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.fakeupstream import FakeUpstream
 from tests.gatewayproc import GatewayProcess

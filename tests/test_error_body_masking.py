@@ -1,5 +1,5 @@
 """Masking the upstream's secrets in a non-streamed error body, as a specification of the
-relay's helpers (``gateway/proxy.py``); end to end in ``tests/test_hostile_upstream.py``."""
+relay's helpers; end to end in ``tests/test_hostile_upstream.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gateway.proxy import ERROR_BODY_BYTES, _inflated_error_body, _masked_error_body
+from gateway.pipeline.proxy import ERROR_BODY_BYTES, _inflated_error_body, _masked_error_body
 from gateway.types import RawHeaders
 
 KEY = b"sk-upstream-0123456789"

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from gateway.forwarded import REASONS, ForwardedMiddleware, ForwardedStats, TrustedProxies
+from gateway.http.forwarded import REASONS, ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.types import ASGIApp, Message, Scope
 
 TRUSTED = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "fe80::/10")

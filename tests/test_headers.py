@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import (
+from gateway.http.headers import (
     MASK,
     downstream_response_headers,
     mask_secrets,

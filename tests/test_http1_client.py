@@ -1,4 +1,4 @@
-"""What ``gateway.http1_client.Http1Client`` does on the wire, as a specification.
+"""What ``gateway.upstream.transports.http1.Http1Client`` does on the wire, as a specification.
 
 Realistic exchanges go to the fake upstream (``tests/fakeupstream.py``). Protocol edge cases go
 to tiny raw servers started in the test on 127.0.0.1 (``RawServer``): they record the exact bytes
@@ -23,8 +23,7 @@ import orjson
 import pytest
 
 from gateway.config.model import Timeouts
-from gateway.http1_client import Http1Client, Http1Response
-from gateway.upstream import (
+from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -32,6 +31,7 @@ from gateway.upstream import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from gateway.upstream.transports.http1 import Http1Client, Http1Response
 from tests import fakeupstream as fake
 from tests.fakeupstream import FakeUpstream
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from gateway.auth import KeyRing, Principal, hash_key
 from gateway.config.model import ApiKey, ModelAlias, Route
-from gateway.models_list import list_for_caller, model_as_alias, rewrites_list
+from gateway.openai.models_list import list_for_caller, model_as_alias, rewrites_list
 
 UPSTREAM_LIST: dict[str, Any] = {
     "object": "list",

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from gateway import errors
-from gateway.body import media_type
-from gateway.multipart import (
+from gateway.http.body import media_type
+from gateway.http.multipart import (
     FORM_DATA,
     MAX_MODEL_BYTES,
     MAX_PARTS,

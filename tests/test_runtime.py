@@ -6,11 +6,11 @@ import orjson
 import pytest
 
 from gateway.config.model import GatewayConfig, Upstream
-from gateway.headers import mask_secrets
-from gateway.http1_client import Http1Client
+from gateway.http.headers import mask_secrets
 from gateway.limits import LocalLimiter
-from gateway.proxy import _reserve
+from gateway.pipeline.proxy import _reserve
 from gateway.runtime import build_runtime
+from gateway.upstream.transports.http1 import Http1Client
 
 
 def runtime_for(upstream: Upstream) -> GatewayConfig:

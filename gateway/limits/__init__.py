@@ -26,8 +26,6 @@ from gateway.limits.limiter import Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
 from gateway.limits.plan import Planner
 from gateway.limits.redis_limiter import RedisLimiter, build_limiter
-from gateway.limits.tokens import estimate_tokens
-from gateway.limits.usage import Usage, UsageTap
 
 __all__ = [
     "RATELIMIT_HEADERS",
@@ -42,9 +40,6 @@ __all__ = [
     "Plan",
     "Planner",
     "RedisLimiter",
-    "Usage",
-    "UsageTap",
     "build_limiter",
-    "estimate_tokens",
     "format_duration",
 ]

@@ -30,7 +30,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from redis.cluster import RedisCluster
 
 from gateway.auth import hash_key
-from gateway.limits import estimate_tokens
+from gateway.openai.tokens import estimate_tokens
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.fakeupstream import STANDARD_PROMPT, FakeUpstream
 from tests.gatewayproc import GatewayProcess

@@ -5,8 +5,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.limits import estimate_tokens
-from gateway.limits.tokens import IMAGE_TOKENS, MESSAGE_OVERHEAD, estimate_prompt
+from gateway.openai.tokens import IMAGE_TOKENS, MESSAGE_OVERHEAD, estimate_prompt, estimate_tokens
 
 
 def test_chat_messages_count_four_characters_a_token_plus_the_completion_maximum() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.limits import Usage, UsageTap
+from gateway.openai.usage import Usage, UsageTap
 from tests.hostileupstream import gzip_bomb
 
 CHAT_JSON = orjson.dumps(

@@ -14,7 +14,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.config.model import Timeouts
-from gateway.upstream import (
+from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
     UpstreamProtocolError,

@@ -50,7 +50,7 @@ _EXTENDED_NAME = re.compile(rb"(?:^|;)[ \t]*name[ \t]*\*", re.IGNORECASE)
 _BOUNDARY_PARAM = re.compile(rb"(?:^|;)[ \t]*boundary[ \t]*(\*[^;=]*)?=", re.IGNORECASE)
 _IDENTITY_TRANSFER = frozenset({b"7bit", b"8bit", b"binary"})
 # python-multipart logs every malformed form as a warning: clients would write the gateway's log.
-_QUIET = logging.Logger("gateway.multipart.parser", logging.CRITICAL + 1)
+_QUIET = logging.Logger("gateway.http.multipart.parser", logging.CRITICAL + 1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from typing import Final, cast
 
 import httptools
 
-from gateway.upstream import (
+from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
     UpstreamError,

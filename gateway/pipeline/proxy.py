@@ -24,21 +24,25 @@ from urllib.parse import quote, unquote
 
 import orjson
 
-from gateway import body as request_body
-from gateway import errors, models_list, multipart
+from gateway import errors
 from gateway.auth import Principal
-from gateway.headers import (
+from gateway.http import body as request_body
+from gateway.http import multipart
+from gateway.http.headers import (
     INFLATABLE_CODINGS,
     downstream_response_headers,
     mask_secrets,
     upstream_request_headers,
 )
-from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan, UsageTap, estimate_tokens
+from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter, Plan
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
+from gateway.openai import models_list
+from gateway.openai.tokens import estimate_tokens
+from gateway.openai.usage import UsageTap
 from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
 from gateway.runtime import Runtime, UpstreamTarget
 from gateway.types import Body, RawHeaders, Receive, Scope, Send
-from gateway.upstream import (
+from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
     UpstreamError,
@@ -47,7 +51,7 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 
-logger = logging.getLogger("gateway.proxy")
+logger = logging.getLogger("gateway.pipeline.proxy")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

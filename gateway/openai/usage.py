@@ -44,7 +44,7 @@ Where the usage is:
   tap inflates its own copy of ``gzip`` and ``deflate`` bodies with a streaming zlib
   decompressor. The openai SDK always asks for gzip and OpenAI compresses JSON, so without this
   nearly every non-stream request would be charged its whole reservation. The gateway asks
-  upstreams only for these codings (``gateway/headers.py``); other encodings (``br``,
+  upstreams only for these codings (``gateway/http/headers.py``); other encodings (``br``,
   ``zstd``) and undeclared gzip make the tap give up: ``None``, and the reservation stands.
 
 The bounds, so that no upstream can make one response cost the event loop unbounded memory or
@@ -75,7 +75,7 @@ from typing import Any
 
 import orjson
 
-from gateway.headers import INFLATABLE_CODINGS
+from gateway.http.headers import INFLATABLE_CODINGS
 
 _USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _MAX_OBJECTS = 8  # "usage" keys tried per search, from the last
