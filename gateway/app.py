@@ -1,14 +1,15 @@
 """The app factory: one config in, one ASGI app out.
 
-The middleware order is one expression (after Starlette): forwarded headers first, so the access
-log and every rule see the real client, scheme and root path; then the request id and access log;
-then the dispatch between the gateway's own endpoints and the relay.
+The middleware order is one expression (after Starlette): the request's lifecycle first (its
+context and id, the one error path, the access log as the context's observer), so that a fault
+anywhere below still gets an OpenAI-shaped answer and a log line; then the forwarded headers, so
+every rule sees the real client, scheme and root path; then the dispatch between the gateway's
+own endpoints and the relay.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedP
 from gateway.limits import Limiter, LimiterStats, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.observability.access_log import AccessLog, BufferedLines
+from gateway.pipeline.lifecycle import Lifecycle
 from gateway.pipeline.proxy import Proxy
 from gateway.reload import ConfigReloader
 from gateway.runtime import Runtime, build_runtime, build_tables, retired_clients
@@ -89,11 +91,14 @@ class Gateway:
             default=self._not_found,
         )
         server = config.server
-        self._app: ASGIApp = ForwardedMiddleware(
-            AccessLog(self._dispatch, write=self.access_lines.write if server.access_log else None),
-            trusted=TrustedProxies(server.trusted_proxies),
-            root_path=server.root_path if root_path is None else root_path,
-            stats=self.forwarded_stats,
+        self._app: ASGIApp = Lifecycle(
+            ForwardedMiddleware(
+                self._dispatch,
+                trusted=TrustedProxies(server.trusted_proxies),
+                root_path=server.root_path if root_path is None else root_path,
+                stats=self.forwarded_stats,
+            ),
+            observers=[AccessLog(self.access_lines.write)] if server.access_log else [],
         )
 
     def runtime(self) -> Runtime:
@@ -193,8 +198,11 @@ class Gateway:
             await asyncio.sleep(RETIRE_AFTER_SECONDS)
         finally:
             for client in clients:
-                with contextlib.suppress(Exception):
+                try:
                     await client.aclose()
+                except Exception:
+                    # One pool failing to close must not keep the others open; say which.
+                    logger.exception("closing a retired upstream pool failed")
 
     async def _healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -143,15 +143,6 @@ def unknown_model(model: str) -> GatewayError:
     )
 
 
-def missing_model() -> GatewayError:
-    return GatewayError(
-        400,
-        "you must provide a model parameter",
-        code="missing_model",
-        param="model",
-    )
-
-
 def unsupported_media(media: str, route: str) -> GatewayError:
     return GatewayError(
         415,
@@ -269,12 +260,66 @@ def unsafe_path() -> GatewayError:
     )
 
 
-def internal_error() -> GatewayError:
+def internal_error(request_id: str) -> GatewayError:
+    # The request id ties the client's report to the traceback in the gateway's log; nothing
+    # of the exception itself is shown (it may quote config values or upstream addresses).
     return GatewayError(
         500,
-        "The gateway failed to process your request.",
+        f"The gateway failed to process your request (request id {request_id}). The error "
+        "is in the gateway's log under that id.",
         type="api_error",
         code="internal_error",
+    )
+
+
+def invalid_content_length() -> GatewayError:
+    return GatewayError(400, "Invalid Content-Length header.", code="bad_request")
+
+
+def several_content_types() -> GatewayError:
+    return GatewayError(
+        400,
+        "Your request has more than one Content-Type header.",
+        code="invalid_content_type",
+        param="content-type",
+    )
+
+
+def malformed_form(reason: str, param: str | None = None) -> GatewayError:
+    return GatewayError(
+        400,
+        f"Could not parse the multipart form of your request: {reason}.",
+        code="invalid_multipart",
+        param=param,
+    )
+
+
+def unreadable_model_list(upstream: str) -> GatewayError:
+    # A list that cannot be filtered is not sent: it would show the caller models it may not use.
+    return GatewayError(
+        502,
+        f"The gateway could not read the models that upstream '{upstream}' listed.",
+        type="api_error",
+        code="upstream_error",
+    )
+
+
+def rate_limited(
+    message: str, kind: str, headers: Sequence[tuple[bytes, bytes]], *, retry_useless: bool
+) -> GatewayError:
+    """429 ``rate_limit_exceeded`` whose ``type`` is the bucket's kind (``requests`` or
+    ``tokens``), as OpenAI answers."""
+    if retry_useless:
+        # Waiting cannot help (the request is larger than the bucket): tell the openai SDK
+        # not to retry it (it honours x-should-retry).
+        headers = [*headers, (b"x-should-retry", b"false")]
+    return GatewayError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)
+
+
+def limits_unavailable(message: str, headers: Sequence[tuple[bytes, bytes]]) -> GatewayError:
+    """503: the shared limits could not be checked and ``redis.on_failure`` is ``closed``."""
+    return GatewayError(
+        503, message, type="api_error", code="rate_limit_unavailable", headers=headers
     )
 
 

@@ -8,132 +8,16 @@ handed down explicitly: nothing lives in module globals.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import quote_plus, unquote_plus, urlencode
 
 from gateway.auth import KeyRing
-from gateway.config.model import GatewayConfig, ModelAlias, Timeouts, Upstream
+from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
 from gateway.routing import RouteTable
 from gateway.upstream.seam import ClientFactory, UpstreamClient
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTarget:
-    name: str
-    config: Upstream
-    client: UpstreamClient
-    # The upstream's credentials and static headers, added after the client's are filtered.
-    added_headers: tuple[tuple[str, str], ...]
-    extra_query: str
-    append_forwarded_for: bool
-    # Lower-cased names of added_headers: the client's headers of these names are dropped.
-    added_names: frozenset[bytes]
-    # Lower-cased names of the configured query parameters: the client's of these names are
-    # dropped, however they are cased or percent-encoded.
-    query_names: frozenset[str] = frozenset()
-    # What must never reach a client (see _secrets), longest first; masked in response headers
-    # and in non-streamed error bodies.
-    secrets: tuple[bytes, ...] = ()
-
-    def url(self, path: str, query_string: bytes) -> str:
-        """``base_url`` + the route's upstream path + the client's query, unchanged."""
-        url = self.config.base_url + path
-        query = query_string.decode("latin-1")
-        if self.extra_query:
-            if query:
-                # The configured parameters (api-version, ...) replace the client's own. Names
-                # are compared decoded and case-insensitively: an upstream that reads
-                # API-Version or api%2Dversion as api-version must not see the client's value
-                # beside the configured one.
-                names = self.query_names
-                kept = [
-                    pair
-                    for pair in query.split("&")
-                    if unquote_plus(pair.split("=", 1)[0]).lower() not in names
-                ]
-                query = "&".join([*kept, self.extra_query])
-            else:
-                query = self.extra_query
-        return f"{url}?{query}" if query else url
-
-
-def _auth_headers(upstream: Upstream) -> list[tuple[str, str]]:
-    key = upstream.auth.key.get_secret_value() if upstream.auth.key else ""
-    if not key or upstream.auth.style == "none":
-        return []
-    if upstream.auth.style == "bearer":
-        return [("authorization", f"Bearer {key}")]
-    return [(upstream.auth.style, key)]
-
-
-# Header and query names that carry credentials: their configured values are secrets.
-_CREDENTIAL_NAMES = frozenset({"authorization", "proxy-authorization", "cookie"})
-_CREDENTIAL_WORDS = ("key", "token", "secret", "auth", "password", "signature")
-# Shorter values are not masked: a two-letter "secret" would mangle every body it appears in.
-MIN_SECRET_CHARS = 4
-
-
-def _is_credential(name: str) -> bool:
-    name = name.lower()
-    return name in _CREDENTIAL_NAMES or any(word in name for word in _CREDENTIAL_WORDS)
-
-
-def _secrets(upstream: Upstream) -> tuple[bytes, ...]:
-    """The values an upstream's response must never carry to a client: its ``auth.key`` and
-    the configured header and query values whose names carry credentials. Computed once per
-    snapshot; longest first, so a value containing another is masked whole."""
-    found: set[str] = set()
-    if upstream.auth.key is not None:
-        found.add(upstream.auth.key.get_secret_value())
-    for name, value in upstream.headers.items():
-        if not _is_credential(name):
-            continue
-        found.add(value)
-        lowered = name.lower()
-        if lowered in ("authorization", "proxy-authorization"):
-            # credentials = auth-scheme [ 1*SP ( token68 / #auth-param ) ] (RFC 9110 §11.4):
-            # an echo may quote the credentials without the scheme.
-            found.add(value.partition(" ")[2].strip())
-        elif lowered == "cookie":
-            # cookie-string = cookie-pair *( ";" SP cookie-pair ) (RFC 6265 §4.2.1)
-            found.update(pair.partition("=")[2].strip() for pair in value.split(";"))
-    for name, value in upstream.query.items():
-        if _is_credential(name):
-            found.update((value, quote_plus(value)))  # as given, and as it is in the URL
-    encoded: set[bytes] = set()
-    for value in found:
-        if len(value) >= MIN_SECRET_CHARS:
-            encoded.add(value.encode("utf-8"))
-            if value.isascii():
-                continue
-            # Header values travel as latin-1 bytes (RFC 9110 §5.5).
-            with contextlib.suppress(UnicodeEncodeError):
-                encoded.add(value.encode("latin-1"))
-    return tuple(sorted(encoded, key=lambda secret: (-len(secret), secret)))
-
-
-def _target(name: str, upstream: Upstream, client: UpstreamClient) -> UpstreamTarget:
-    policy = upstream.forwarded_for
-    if policy is None:
-        # Third-party APIs (https) learn nothing about our clients; internal ones (plain http,
-        # usually a cluster-local vLLM or Ollama) get the address for their own logs.
-        policy = "strip" if upstream.base_url.startswith("https://") else "append"
-    added = (*((k.lower(), v) for k, v in upstream.headers.items()), *_auth_headers(upstream))
-    return UpstreamTarget(
-        name=name,
-        config=upstream,
-        client=client,
-        added_headers=added,
-        added_names=frozenset(k.encode("latin-1") for k, _ in added),
-        extra_query=urlencode(upstream.query),
-        append_forwarded_for=policy == "append",
-        query_names=frozenset(k.lower() for k in upstream.query),
-        secrets=_secrets(upstream),
-    )
+from gateway.upstream.targets import UpstreamTarget, build_target
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +81,7 @@ def build_runtime(
             client = old.client
         else:
             client = client_factory(max_connections=upstream.max_connections)
-        upstreams[name] = _target(name, upstream, client)
+        upstreams[name] = build_target(name, upstream, client)
     if tables is None:
         tables = build_tables(config, previous)
     return Runtime(

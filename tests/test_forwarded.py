@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from gateway.context import SCOPE_KEY, RequestContext
 from gateway.http.forwarded import REASONS, ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.types import ASGIApp, Message, Scope
 
@@ -42,6 +43,8 @@ def make_scope(
 ) -> Scope:
     return {
         "type": kind,
+        # The context the lifecycle middleware puts in every request's scope.
+        SCOPE_KEY: RequestContext("test", "GET", path),
         "client": None if peer is None else (peer, 5000),
         "scheme": "http" if kind == "http" else "ws",
         "root_path": root_path,
@@ -90,6 +93,11 @@ class Seen(NamedTuple):
     forwarded_for: tuple[str, ...]
 
 
+def forwarded_for(scope: Scope) -> tuple[str, ...]:
+    context: RequestContext = scope[SCOPE_KEY]
+    return context.forwarded_for
+
+
 def seen(scope: Scope) -> Seen:
     return Seen(
         scope["client"],
@@ -97,7 +105,7 @@ def seen(scope: Scope) -> Seen:
         host_header(scope),
         scope["root_path"],
         scope["path"],
-        scope["gateway.forwarded_for"],
+        forwarded_for(scope),
     )
 
 
@@ -272,7 +280,7 @@ async def test_forwarded_host_is_added_to_a_request_without_host() -> None:
 async def test_a_missing_client_is_untrusted_and_does_not_crash() -> None:
     scope = await forward(make_scope(None, [("x-forwarded-for", "198.51.100.7")]))
     assert scope["client"] is None
-    assert scope["gateway.forwarded_for"] == ()
+    assert forwarded_for(scope) == ()
 
 
 @pytest.mark.parametrize(
@@ -457,7 +465,7 @@ async def test_a_chain_of_trusted_hops_longer_than_the_limit_falls_back_to_the_p
         make_scope("127.0.0.1", [("x-forwarded-for", ", ".join(["10.0.0.1"] * 65))])
     )
     assert scope["client"] == ("127.0.0.1", 5000)
-    assert scope["gateway.forwarded_for"] == ("127.0.0.1",)
+    assert forwarded_for(scope) == ("127.0.0.1",)
 
 
 def test_stats_start_at_zero_for_every_reason() -> None:
@@ -484,7 +492,7 @@ async def test_random_input_never_raises() -> None:
         ]
         for peer in ("127.0.0.1", "203.0.113.9"):
             scope = await forward(make_scope(peer, headers), stats=stats)
-            assert isinstance(scope["gateway.forwarded_for"], tuple)
+            assert isinstance(forwarded_for(scope), tuple)
             assert scope["path"].endswith("/v1/models")
     assert sum(stats.malformed.values()) > 0
 

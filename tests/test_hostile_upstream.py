@@ -288,6 +288,25 @@ def test_a_successful_body_is_relayed_byte_for_byte_while_its_headers_are_masked
 
 
 @pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_the_upstreams_content_length_is_kept_when_its_bytes_pass_unchanged(
+    gateway: GatewayProcess, careless: CarelessUpstream, encoding: str
+) -> None:
+    response = raw_post(gateway, f"/v1/plain/200/{encoding}")
+    assert response.status == 200
+    assert response.headers["content-length"] == str(len(careless.expected("plain", encoding)))
+    assert "transfer-encoding" not in response.headers
+
+
+def test_a_body_cut_short_of_its_content_length_is_an_error_for_the_client(
+    gateway: GatewayProcess,
+) -> None:
+    # The upstream declares 1,000 bytes more than it sends, then closes: a client talking to it
+    # directly would raise, and so must a client of the gateway.
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(gateway.url + "/v1/cut/200", json={"model": "gpt-fake"}, headers=AUTH)
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
 def test_an_error_body_without_credentials_is_relayed_unchanged_still_encoded(
     gateway: GatewayProcess, careless: CarelessUpstream, encoding: str
 ) -> None:

@@ -25,7 +25,7 @@ def declared_length(headers: RawHeaders) -> int | None:
             except ValueError:
                 length = -1
             if length < 0:
-                raise errors.GatewayError(400, "Invalid Content-Length header.", code="bad_request")
+                raise errors.invalid_content_length()
             return length
     return None
 
@@ -79,12 +79,7 @@ def media_type(headers: RawHeaders) -> bytes:
     for name, value in headers:
         if name == b"content-type":
             if found is not None:
-                raise errors.GatewayError(
-                    400,
-                    "Your request has more than one Content-Type header.",
-                    code="invalid_content_type",
-                    param="content-type",
-                )
+                raise errors.several_content_types()
             found = value.split(b";", 1)[0].strip().lower()
     return b"" if found is None else found
 

@@ -5,7 +5,8 @@ off). For ``http`` and ``websocket`` scopes it sets:
 
 - ``scope["client"]``: ``(address, 0)`` when a trusted proxy named the client, else unchanged;
 - ``scope["scheme"]``, the ``host`` header, ``scope["root_path"]`` and ``scope["path"]``;
-- ``scope["gateway.forwarded_for"]``: the chain the proxy may send on as ``X-Forwarded-For``.
+- on the request's context (``gateway/context.py``), when it has one: the client's address and
+  ``forwarded_for``, the chain the relay may send on as ``X-Forwarded-For``.
 
 Every forwarded header is removed from ``scope["headers"]``, trusted or not, so that the proxy never
 relays one verbatim; it builds its own. Bad values are ignored and counted, never raised.
@@ -18,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Literal
 
+from gateway.context import context_of
 from gateway.types import ASGIApp, RawHeaders, Receive, Scope, Send
 
 MAX_HEADER_BYTES = 4096
@@ -39,9 +41,10 @@ _PROTO = b"x-forwarded-proto"
 _HOST = b"x-forwarded-host"
 _PREFIX = b"x-forwarded-prefix"
 _FORWARDED = b"forwarded"
-# Read and always removed. X-Forwarded-Port and X-Real-IP are only removed: the port travels in
+# Read and always removed (the relay never sends a client's copy upstream, http/headers.py).
+# X-Forwarded-Port and X-Real-IP are only removed: the port travels in
 # X-Forwarded-Host when it is not the default, and X-Real-IP cannot express a chain of hops.
-_REMOVED = frozenset(
+FORWARDED_HEADERS = frozenset(
     {
         _XFF,
         _PROTO,
@@ -176,7 +179,7 @@ class ForwardedMiddleware:
         host_index = -1
         for name, value in scope["headers"]:
             lower = name.lower()
-            if lower in _REMOVED:
+            if lower in FORWARDED_HEADERS:
                 found.setdefault(lower, []).append(value)
             else:
                 if lower == b"host" and host_index < 0:
@@ -190,7 +193,7 @@ class ForwardedMiddleware:
         if not isinstance(peer, str) or peer not in self.trusted:
             if found:
                 self.stats.untrusted += 1
-            scope["gateway.forwarded_for"] = (peer,) if isinstance(peer, str) else ()
+            _record(scope, (peer,) if isinstance(peer, str) else ())
             self._set_root(scope, None)
             return
 
@@ -213,7 +216,7 @@ class ForwardedMiddleware:
 
         if chain:
             scope["client"] = (chain[0], 0)
-        scope["gateway.forwarded_for"] = (*chain, peer)
+        _record(scope, (*chain, peer))
 
         if proto is not None:
             scheme = _SCHEMES[scope["type"]].get(proto.strip().lower())
@@ -329,6 +332,17 @@ class ForwardedMiddleware:
                 scope["raw_path"] = root.encode("utf-8") + raw_path
         scope["root_path"] = root
         scope["path"] = path
+        context = context_of(scope)
+        if context is not None:
+            context.path = path  # the path the client asked for, prefix included
+
+
+def _record(scope: Scope, chain: tuple[str, ...]) -> None:
+    context = context_of(scope)
+    if context is not None:
+        client = scope.get("client")
+        context.client = client[0] if client else None
+        context.forwarded_for = chain
 
 
 def _xff_node(entry: str) -> str | None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from gateway.http.forwarded import FORWARDED_HEADERS
+from gateway.http.request_id import REQUEST_ID
 from gateway.types import RawHeaders
 
 # RFC 9110 §7.6.1 and the legacy ones every proxy strips (Proxy-Connection, Keep-Alive).
@@ -35,27 +37,26 @@ HOP_BY_HOP = frozenset(
 # Never forwarded upstream: the inbound authority (the upstream's own is used), the framing the
 # client used (we send the body we hold), the client's credentials for the gateway
 # (docs/design.md §3), and forwarded headers, which the forwarded middleware consumed and the
-# gateway rebuilds.
-_NOT_UPSTREAM = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    b"expect",
-    b"authorization",
-    b"x-api-key",
-    b"api-key",
-    b"accept-encoding",
-    b"forwarded",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-port",
-    b"x-forwarded-prefix",
-    b"x-forwarded-server",
-    b"x-real-ip",
-}
+# gateway rebuilds, and the client's request id (the gateway sends its own, http/request_id.py).
+_NOT_UPSTREAM = (
+    HOP_BY_HOP
+    | {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"x-api-key",
+        b"api-key",
+        b"accept-encoding",
+        REQUEST_ID,
+    }
+    | FORWARDED_HEADERS
+)
 
-# The server frames the response it sends (chunked or not); the upstream's framing is its own.
+# The server frames the response it sends; the upstream's Content-Length is kept only when the
+# relay sends the upstream's bytes unchanged (``keep_length``).
 _NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
+_CONTENT_LENGTH = b"content-length"
 
 # The content codings zlib inflates (RFC 9110 §8.4.1: x-gzip is gzip): the one list the usage
 # tap, the error-body masking and the model-list rewrite read. The upstream is offered no
@@ -109,6 +110,7 @@ def upstream_request_headers(
     added: Sequence[tuple[str, str]],
     forwarded_for: str | None,
     replaced: frozenset[bytes] = frozenset(),
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
     """Headers for the outbound request: the client's end-to-end headers, then ours.
 
@@ -117,6 +119,9 @@ def upstream_request_headers(
     when none remain or the client sent none. The response's bytes still reach the client as
     the upstream encoded them; the gateway only reads a copy, and the HTTP client adds no
     gzip of its own.
+
+    ``X-Request-ID`` is the gateway's ``request_id`` (the client's own when it was valid),
+    unless the upstream's configured headers set one.
     """
     # ``replaced``: the names the gateway sets itself for this upstream (its static headers),
     # which a client's own value must not shadow or duplicate.
@@ -135,6 +140,8 @@ def upstream_request_headers(
     out.append(("accept-encoding", offered.decode("latin-1")))
     if forwarded_for is not None:
         out.append(("x-forwarded-for", forwarded_for))
+    if request_id is not None and REQUEST_ID not in replaced:
+        out.append(("x-request-id", request_id))
     out.extend(added)
     return out
 
@@ -144,21 +151,37 @@ def downstream_response_headers(
     added: Sequence[tuple[bytes, bytes]],
     drop: frozenset[bytes] = frozenset(),
     secrets: Sequence[bytes] = (),
+    *,
+    keep_length: bool = False,
 ) -> tuple[RawHeaders, bool]:
     """Headers for the client, and whether the body is an event stream.
 
     Names are lower-cased as ASGI requires; values pass unchanged, ``Content-Encoding``
     included (the relay forwards the bytes as the upstream encoded them), except that every
     occurrence of one of the upstream's ``secrets`` is masked, whatever the status.
+
+    With ``keep_length`` (the body goes out byte for byte as it came) the upstream's
+    ``Content-Length`` is kept (RFC 9110 §8.6), so a client sees a body cut short as an error,
+    as it would directly; the server then frames the response by it instead of chunking. A
+    length that does not frame the message alone (several, or beside ``Transfer-Encoding``,
+    RFC 9112 §6.3) is dropped; the upstream's parser refuses those in any case.
     """
     upstream = list(upstream)
     dropped = _NOT_DOWNSTREAM | _connection_tokens(upstream) | drop
     out: RawHeaders = []
     event_stream = False
     has_cache_control = False
+    length: bytes | None = None
+    lengths = 0
+    chunked = False
     for raw_name, value in upstream:
         name = raw_name.lower()
         if name in dropped:
+            if name == _CONTENT_LENGTH:
+                length = value
+                lengths += 1
+            elif name == b"transfer-encoding":
+                chunked = True
             continue
         if name == b"content-type":
             event_stream = value[:17].lower() == b"text/event-stream"
@@ -173,6 +196,8 @@ def downstream_response_headers(
             if secret in values:
                 out = [(name, mask_secrets(value, secrets)) for name, value in out]
                 break
+    if keep_length and lengths == 1 and not chunked and length is not None and length.isdigit():
+        out.append((_CONTENT_LENGTH, length))
     if event_stream:
         # Nginx buffers proxied responses unless told otherwise; an SSE stream must not wait.
         out.append((b"x-accel-buffering", b"no"))

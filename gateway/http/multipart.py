@@ -62,35 +62,26 @@ class FormModel:
     end: int
 
 
-def malformed_form(reason: str, param: str | None = None) -> errors.GatewayError:
-    return errors.GatewayError(
-        400,
-        f"Could not parse the multipart form of your request: {reason}.",
-        code="invalid_multipart",
-        param=param,
-    )
-
-
 def boundary(headers: RawHeaders) -> bytes:
     """The form's boundary, from its ``Content-Type`` (RFC 7578 §4.1)."""
     content_types = [value for name, value in headers if name == b"content-type"]
     if not content_types:
-        raise malformed_form("the Content-Type has no boundary")
+        raise errors.malformed_form("the Content-Type has no boundary")
     if len(content_types) > 1:
         # The upstream might split the body at the other header's boundary.
-        raise malformed_form("it has more than one Content-Type header")
+        raise errors.malformed_form("it has more than one Content-Type header")
     value = content_types[0]
     # Parsers differ on which of two boundaries counts, and on whether ``boundary*`` (RFC 2231)
     # does: the upstream could split the body at another boundary.
     declared = _BOUNDARY_PARAM.findall(value)
     if len(declared) > 1:
-        raise malformed_form("the Content-Type has more than one boundary")
+        raise errors.malformed_form("the Content-Type has more than one boundary")
     if declared and declared[0]:
-        raise malformed_form("the Content-Type has a 'boundary*' parameter")
+        raise errors.malformed_form("the Content-Type has a 'boundary*' parameter")
     _, params = parse_options_header(value)
     found = params.get(b"boundary", b"")
     if not found or len(found) > MAX_BOUNDARY_BYTES:
-        raise malformed_form("the Content-Type has no valid boundary")
+        raise errors.malformed_form("the Content-Type has no valid boundary")
     return found
 
 
@@ -133,7 +124,7 @@ class _ModelFinder:
     def part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise malformed_form(f"it has more than {MAX_PARTS} parts")
+            raise errors.malformed_form(f"it has more than {MAX_PARTS} parts")
         self.dispositions = 0
         self.is_model = False
         self.transfer = None
@@ -157,11 +148,11 @@ class _ModelFinder:
             self.dispositions += 1
             value = bytes(self.value)
             if _EXTENDED_NAME.search(value):
-                raise malformed_form("a part's Content-Disposition has a 'name*' parameter")
+                raise errors.malformed_form("a part's Content-Disposition has a 'name*' parameter")
             _, params = parse_options_header(value)
             if params.get(b"name") == b"model":
                 if b"filename" in params:
-                    raise malformed_form("'model' is a file, not a field", "model")
+                    raise errors.malformed_form("'model' is a file, not a field", "model")
                 self.is_model = True
         elif name == b"content-transfer-encoding":
             self.transfer = bytes(self.value.strip().lower())
@@ -171,11 +162,11 @@ class _ModelFinder:
             return
         if self.dispositions > 1:
             # Parsers differ on which of two Content-Dispositions names the part.
-            raise malformed_form("'model' has two Content-Disposition headers", "model")
+            raise errors.malformed_form("'model' has two Content-Disposition headers", "model")
         if self.transfer is not None and self.transfer not in _IDENTITY_TRANSFER:
-            raise malformed_form("'model' has a Content-Transfer-Encoding", "model")
+            raise errors.malformed_form("'model' has a Content-Transfer-Encoding", "model")
         if self.found is not None:
-            raise malformed_form("it has more than one 'model' field", "model")
+            raise errors.malformed_form("it has more than one 'model' field", "model")
         # The parser accepted the part's head, so its last header line ends at the first CR
         # after the line's start, and a blank line (CRLF CRLF) separates it from the data.
         self.data_start = self.data_end = self.body.index(b"\r", self.line_start) + 4
@@ -186,10 +177,10 @@ class _ModelFinder:
             return
         if data is not self.body or start != self.data_end:
             # The whole body is written at once, so the data are one span of it.
-            raise malformed_form("'model' could not be located", "model")
+            raise errors.malformed_form("'model' could not be located", "model")
         self.data_end = end
         if end - self.data_start > MAX_MODEL_BYTES:
-            raise malformed_form(f"'model' is longer than {MAX_MODEL_BYTES} bytes", "model")
+            raise errors.malformed_form(f"'model' is longer than {MAX_MODEL_BYTES} bytes", "model")
 
     def part_end(self) -> None:
         if not self.is_model:
@@ -199,7 +190,7 @@ class _ModelFinder:
         try:
             value = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise malformed_form("'model' is not UTF-8", "model") from None
+            raise errors.malformed_form("'model' is not UTF-8", "model") from None
         self.found = FormModel(value, self.data_start, self.data_end)
 
     def end(self) -> None:
@@ -216,13 +207,13 @@ def find_model(body: Body, form_boundary: bytes) -> FormModel | None:
         # One write: every callback's data is the body itself, at offsets into it.
         parser.write(body)  # type: ignore[arg-type]
     except FormParserError as exc:
-        raise malformed_form(str(exc).rstrip(".")) from None
+        raise errors.malformed_form(str(exc).rstrip(".")) from None
     if not finder.ended:
-        raise malformed_form("it ends before its closing boundary")
+        raise errors.malformed_form("it ends before its closing boundary")
     if not _only_blank_after_close(body, form_boundary, finder.last_data_end):
         # python-multipart skips what follows the closing delimiter; a parser that does not
         # (or that finds another closing delimiter) could read parts the gateway never saw.
-        raise malformed_form("it has data after its closing boundary")
+        raise errors.malformed_form("it has data after its closing boundary")
     return finder.found
 
 
@@ -247,5 +238,5 @@ def with_model(body: Body, found: FormModel, model: str, form_boundary: bytes) -
     value = model.encode("utf-8")
     if b"\r" in value or b"\n" in value or b"--" + form_boundary in value:
         # The new value must not be able to end the part or start another (RFC 2046 §5.1.1).
-        raise malformed_form("the form's boundary collides with the model's name", "model")
+        raise errors.malformed_form("the form's boundary collides with the model's name", "model")
     return b"".join((body[: found.start], value, body[found.end :]))

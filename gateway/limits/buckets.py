@@ -12,24 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway import errors
 from gateway.errors import GatewayError
 from gateway.types import RawHeaders
 
 Kind = Literal["requests", "tokens"]
 
-# Every header a Decision may set; the proxy drops the upstream's copies (they describe the
-# gateway's own upstream key, not the caller's limits) before adding ours.
-RATELIMIT_HEADERS = frozenset(
-    {
-        b"x-ratelimit-limit-requests",
-        b"x-ratelimit-remaining-requests",
-        b"x-ratelimit-reset-requests",
-        b"x-ratelimit-limit-tokens",
-        b"x-ratelimit-remaining-tokens",
-        b"x-ratelimit-reset-tokens",
-    }
-)
-
+# OpenAI's x-ratelimit-* names, per kind of bucket: limit, remaining, reset.
 _HEADER_NAMES: dict[Kind, tuple[bytes, bytes, bytes]] = {
     "requests": (
         b"x-ratelimit-limit-requests",
@@ -42,6 +31,9 @@ _HEADER_NAMES: dict[Kind, tuple[bytes, bytes, bytes]] = {
         b"x-ratelimit-reset-tokens",
     ),
 }
+# Every header a Decision may set; the proxy drops the upstream's copies (they describe the
+# gateway's own upstream key, not the caller's limits) before adding ours.
+RATELIMIT_HEADERS = frozenset(name for names in _HEADER_NAMES.values() for name in names)
 _PER_MIN: dict[Kind, str] = {
     "requests": "requests per min (RPM)",
     "tokens": "tokens per min (TPM)",
@@ -196,24 +188,12 @@ class Decision:
         """The refusal as the gateway's error: 429 ``rate_limit_exceeded`` whose ``type`` is
         ``requests`` or ``tokens``, or 503 when the limits could not be checked."""
         if self.unavailable:
-            return GatewayError(
-                503,
-                self.message(),
-                type="api_error",
-                code="rate_limit_unavailable",
-                headers=self.refusal_headers(),
-            )
-        headers = self.refusal_headers()
-        if self.retry_after_ms < 0:
-            # Waiting cannot help (the request is larger than the bucket): tell the openai
-            # SDK not to retry it (it honours x-should-retry).
-            headers = [*headers, (b"x-should-retry", b"false")]
-        return GatewayError(
-            429,
+            return errors.limits_unavailable(self.message(), self.refusal_headers())
+        return errors.rate_limited(
             self.message(),
-            type=self.kind or "requests",
-            code="rate_limit_exceeded",
-            headers=headers,
+            self.kind or "requests",
+            self.refusal_headers(),
+            retry_useless=self.retry_after_ms < 0,
         )
 
 

@@ -1,4 +1,4 @@
-"""Request ids and the access log: pure ASGI middleware, one JSON line per request.
+"""The access log: one JSON line per request, written from the request's finished context.
 
 The line names the key by its configured name and never carries headers, bodies or query
 strings: those are where credentials and prompts live.
@@ -10,16 +10,13 @@ the ``logging`` module plus one write syscall per request measured ~50 µs of a 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
-from gateway.types import ASGIApp, Message, Receive, Scope, Send
-
-REQUEST_ID_HEADER = b"x-gateway-request-id"
+from gateway.context import RequestContext
 
 
 class BufferedLines:
@@ -50,50 +47,46 @@ class BufferedLines:
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp, *, write: Callable[[str], None] | None) -> None:
-        self.app = app
+    """An observer of finished requests (``pipeline/lifecycle.py``): writes each one's line."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
         self.write = write
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        request_id = os.urandom(8).hex()
-        scope["gateway.request_id"] = request_id
-        status = 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            if self.write is not None:
-                self.write(_line(scope, request_id, status, time.perf_counter() - started))
+    def __call__(self, context: RequestContext) -> None:
+        self.write(access_line(context))
 
 
-def _line(scope: Scope, request_id: str, status: int, elapsed: float) -> str:
-    client = scope.get("client")
-    record = {
+def access_line(context: RequestContext) -> str:
+    record: dict[str, Any] = {
         "ts": time.time(),
-        "request_id": request_id,
-        "client": client[0] if client else None,
-        "method": scope["method"],
-        "path": scope["path"],
-        "status": status,
-        "ms": round(elapsed * 1000, 3),
-        "route": scope.get("gateway.route"),
-        "key": scope.get("gateway.key"),
-        "upstream": scope.get("gateway.upstream"),
-        "bytes": scope.get("gateway.bytes"),
+        "request_id": context.request_id,
+        "client": context.client,
+        "method": context.method,
+        "path": context.path,
+        "status": context.status,
+        "ms": round(context.elapsed * 1000, 3),
+        "route": context.route,
+        "key": context.key,
+        "upstream": context.upstream,
+        "bytes": context.bytes_sent,
     }
-    if "gateway.upstream_error" in scope:
-        record["upstream_error"] = scope["gateway.upstream_error"]
-    if scope.get("gateway.client_gone"):
+    if context.team is not None:
+        record["team"] = context.team
+    if context.model is not None:
+        record["model"] = context.model
+        if context.upstream_model is not None:
+            record["upstream_model"] = context.upstream_model
+    if context.upstream_seconds is not None:
+        record["upstream_ms"] = round(context.upstream_seconds * 1000, 3)
+    if context.tokens_in is not None or context.tokens_out is not None:
+        record["tokens_in"] = context.tokens_in
+        record["tokens_out"] = context.tokens_out
+    if context.limit is not None:
+        record["limit"] = context.limit
+    if context.upstream_error is not None:
+        record["upstream_error"] = context.upstream_error
+    if context.gateway_error is not None:
+        record["error"] = context.gateway_error
+    if context.client_gone:
         record["client_gone"] = True
     return orjson.dumps(record).decode()

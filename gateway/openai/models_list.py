@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 
-from gateway import errors
 from gateway.auth import Principal
 from gateway.config.model import ModelAlias
 
@@ -24,16 +23,6 @@ from gateway.config.model import ModelAlias
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Who an alias entry says owns it when the upstream does not list the alias's target.
 GATEWAY_OWNER = "gateway"
-
-
-def unreadable(upstream: str) -> errors.GatewayError:
-    # A list that cannot be filtered is not sent: it would show the caller models it may not use.
-    return errors.GatewayError(
-        502,
-        f"The gateway could not read the models that upstream '{upstream}' listed.",
-        type="api_error",
-        code="upstream_error",
-    )
 
 
 def rewrites_list(principal: Principal, aliases: Mapping[str, ModelAlias], unlisted: bool) -> bool:

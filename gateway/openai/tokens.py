@@ -122,3 +122,14 @@ class _Counter:
         call = part.get("function_call")
         if isinstance(call, dict):
             self.add(call)
+
+
+def tokens_to_reserve(
+    document: Mapping[str, Any] | None, body_size: int, default_max_tokens: int
+) -> int:
+    """Tokens to reserve at admission for a request whose parsed body is ``document``."""
+    try:
+        return estimate_tokens(document, default_max_tokens)
+    except RecursionError:
+        # Pathologically nested JSON (orjson accepts 1024 levels): a bound from its size.
+        return body_size // 4 + default_max_tokens

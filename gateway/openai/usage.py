@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -428,3 +429,15 @@ def _last_boundary(buf: bytearray, start: int) -> int:
     if lf < 0 and crlf < 0:
         return -1
     return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+
+
+def usage_tap(raw_headers: Iterable[tuple[bytes, bytes]]) -> UsageTap:
+    """A tap for a response with these headers (names in any case)."""
+    content_type = content_encoding = None
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.decode("latin-1")
+        elif lowered == b"content-encoding":
+            content_encoding = value.decode("latin-1")
+    return UsageTap(content_type, content_encoding)

@@ -1,0 +1,202 @@
+"""Admission: may this request go upstream, where to, and as what?
+
+``admit`` reads top to bottom as the algorithm (after Go's ``ReverseProxy.ServeHTTP``): judge
+the path, match a route, authenticate the key, take its concurrency slot, read the body when a
+rule needs it, apply the model rules (from a JSON body, a form's ``model`` field, or a model
+named in the path), then the limits, last, so that a request refused for any other reason costs
+its key nothing. It returns the outbound request, or raises the refusal (``errors.py``); nothing
+reaches the upstream for a refused request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway import errors
+from gateway.context import RequestContext
+from gateway.http import body as request_body
+from gateway.http import multipart
+from gateway.http.headers import upstream_request_headers
+from gateway.limits import Plan
+from gateway.limits.concurrency import ConcurrencyLimiter, Slot
+from gateway.openai.stream_options import ask_for_stream_usage
+from gateway.openai.tokens import tokens_to_reserve
+from gateway.pipeline import model_rules
+from gateway.pipeline.model_rules import Resolved, Rewrite
+from gateway.pipeline.relay import Settlement
+from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
+from gateway.runtime import Runtime
+from gateway.types import RawHeaders, Receive, Scope
+from gateway.upstream.seam import OutboundRequest
+from gateway.upstream.targets import UpstreamTarget
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@dataclass(slots=True)
+class Held:
+    """What admission takes and the request gives back however it ends (refused, cut,
+    cancelled or complete), and the headers every answer to it carries."""
+
+    lease: request_body.BodyLease
+    slot: Slot | None = None
+    # Headers the gateway adds to the response: deprecation notices, the caller's limits.
+    extra: RawHeaders = field(default_factory=list)
+
+    def release(self) -> None:
+        self.lease.release()
+        if self.slot is not None:
+            self.slot.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    upstream: UpstreamTarget
+    outbound: OutboundRequest
+    settlement: Settlement | None
+    rewrite: Rewrite | None
+
+
+async def admit(
+    runtime: Runtime,
+    concurrency: ConcurrencyLimiter,
+    scope: Scope,
+    receive: Receive,
+    context: RequestContext,
+    held: Held,
+) -> Admitted:
+    headers: RawHeaders = scope["headers"]
+    method: str = scope["method"]
+    root_path: str = scope.get("root_path", "")
+    path = relative_raw_path(scope.get("raw_path"), scope["path"], root_path)
+
+    # Judged by what the path means once decoded; what is forwarded is exactly the raw path that
+    # was matched.
+    verdict = judge_path(path)
+    if verdict is PathVerdict.UNSAFE:
+        raise errors.unsafe_path()
+    match = runtime.routes.match(method, path)
+    if match is None:
+        raise errors.unknown_route(method, path)
+    if isinstance(match, MethodMismatch):
+        raise errors.method_not_allowed(method, path, match.allowed)
+    if verdict is PathVerdict.ENCODED_SLASH and not match.encoded_slashes_confined(path):
+        raise errors.unsafe_path()
+    held.extra = _endpoint_headers(match, root_path)
+    route = match.endpoint.route
+    context.route = route.name
+
+    principal = runtime.keys.authenticate(headers)
+    context.key = principal.name
+    context.team = principal.config.team
+    if not principal.may_use_route(route.name):
+        raise errors.route_not_allowed(route.name)
+
+    caps = runtime.concurrency.get(principal.name)
+    if caps is not None:
+        # Held until the response's last byte: an open stream keeps its slot.
+        held.slot = concurrency.acquire(principal.name, caps)
+
+    payload = await request_body.read_body(
+        receive, headers, runtime.config.server.max_body_bytes, held.lease
+    )
+    resolved = Resolved(runtime.upstreams[route.upstream], None, None)
+    document: dict[str, Any] | None = None
+    rewrite: Rewrite | None = None
+    if route.model_in_body and method in _BODY_METHODS and payload:
+        media = request_body.media_type(headers)
+        if request_body.may_be_json(media):
+            parsed = request_body.parse_json(payload)
+            if isinstance(parsed, dict):
+                document = parsed
+                resolved = model_rules.resolve_model(
+                    runtime, principal, document.get("model"), resolved.upstream
+                )
+                if resolved.renamed is not None:
+                    document["model"] = resolved.renamed
+                asked = route.stream_usage and ask_for_stream_usage(document)
+                if resolved.renamed is not None or asked:
+                    # Re-serialised once, and only when a rule changed the document; otherwise
+                    # the client's bytes go upstream untouched.
+                    payload = orjson.dumps(document)
+        elif media == multipart.FORM_DATA:
+            if (
+                not principal.all_models
+                or not runtime.config.allow_unlisted_models
+                or runtime.models
+            ):
+                resolved, payload = model_rules.resolve_form_model(
+                    runtime, principal, headers, payload, resolved.upstream
+                )
+        elif not principal.all_models or not runtime.config.allow_unlisted_models:
+            # A model rule applies but the model of a binary body cannot be read: refuse rather
+            # than let the body pass unchecked.
+            raise errors.unsupported_media(media.decode("latin-1"), route.name)
+    elif route.model_in_path is not None:
+        resolved, match, rewrite = model_rules.resolve_path_model(
+            runtime, principal, match, route.model_in_path, resolved.upstream
+        )
+    elif route.models_list and method == "GET":
+        rewrite = model_rules.model_list_rewrite(runtime, principal, resolved.upstream)
+    upstream = resolved.upstream
+    context.upstream = upstream.name
+    context.model = resolved.model
+    context.upstream_model = resolved.renamed
+
+    # Limits come last among the checks: a request refused for any other reason costs its key
+    # nothing.
+    settlement: Settlement | None = None
+    plan = runtime.planner.charges(
+        key=principal.config, route=route.name, model=resolved.model, tokens=0
+    )
+    if plan.buckets.buckets:
+        if plan.buckets.has_tokens:
+            reserve = tokens_to_reserve(
+                document, len(payload), runtime.config.limits.default_max_tokens
+            )
+            plan = Plan(plan.key_name, plan.buckets, reserve)
+        decision = await runtime.limiter.admit(plan)
+        context.limit = "degraded" if decision.degraded else "allowed"
+        if not decision.allowed:
+            context.limit = "refused"
+            raise decision.error()
+        held.extra = [*held.extra, *decision.headers()]
+        settlement = Settlement(runtime.limiter, decision)
+
+    outbound = OutboundRequest(
+        method=method,
+        url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
+        headers=upstream_request_headers(
+            headers,
+            upstream.added_headers,
+            _forwarded_for(context, upstream),
+            replaced=upstream.added_names,
+            request_id=context.request_id,
+        ),
+        body=payload,
+        timeouts=runtime.timeouts(route.name, upstream),
+    )
+    return Admitted(upstream, outbound, settlement, rewrite)
+
+
+def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
+    endpoint = match.endpoint
+    if not endpoint.deprecated:
+        return []
+    extra = list(endpoint.deprecation_headers)
+    link = endpoint.successor_link(root_path)
+    if link is not None:
+        extra.append(link)
+    return extra
+
+
+def _forwarded_for(context: RequestContext, upstream: UpstreamTarget) -> str | None:
+    if not upstream.append_forwarded_for:
+        return None
+    chain = context.forwarded_for
+    if chain:
+        return ", ".join(chain)
+    return context.client

@@ -1,0 +1,319 @@
+"""The relay: one upstream exchange, the upstream's bytes out as they arrive, then settlement.
+
+It writes ASGI messages itself: Starlette's ``StreamingResponse`` costs more than the whole relay
+(docs/design.md §5). The relayed bytes are the upstream's, with two exceptions: a body
+``rewrite`` makes for the caller (the model list, a model retrieved through an alias), and an
+error body that quotes an upstream secret, masked (``held_bodies.py``).
+
+Once the response head has gone to the client nothing is retried or hidden: a failure after it
+cuts the response (the server drops the connection), so the client sees an error, never a clean
+end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import errors
+from gateway.context import RequestContext
+from gateway.http.decoding import decoded_body
+from gateway.http.headers import downstream_response_headers
+from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter
+from gateway.openai import models_list
+from gateway.openai.usage import UsageTap, usage_tap
+from gateway.pipeline.held_bodies import ERROR_BODY_BYTES, hold_body, masked_error_body
+from gateway.pipeline.model_rules import Rewrite
+from gateway.types import RawHeaders, Receive, Send
+from gateway.upstream.seam import (
+    OutboundRequest,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
+from gateway.upstream.targets import UpstreamTarget
+
+logger = logging.getLogger("gateway.relay")
+
+# The disconnect watcher starts only once an exchange has run this long: most non-streaming
+# answers finish sooner and never pay for a task, while a long generation is still cancelled
+# well within a second of the client leaving.
+WATCH_AFTER_SECONDS = 0.05
+
+# The representation changed: the upstream's coding, length and validator describe another one
+# (RFC 9110 §8.8.3).
+_REWRITTEN_DROPS = frozenset({b"content-encoding", b"content-length", b"etag"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """An admitted request's limits: settled from the response's real usage when it ends."""
+
+    limiter: Limiter
+    decision: Decision
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.decision.plan.buckets.has_tokens
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What the disconnect watcher and the relay share for one request."""
+
+    task: asyncio.Task[Any] | None
+    finished: bool = False
+    client_gone: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    def start_watching(self, receive: Receive) -> None:
+        if not self.finished:
+            self.watcher = asyncio.ensure_future(_watch_disconnect(receive, self))
+
+    def stop_watching(self, timer: asyncio.TimerHandle) -> None:
+        self.finished = True
+        timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+async def _watch_disconnect(receive: Receive, exchange: _Exchange) -> None:
+    """Cancel the relay when the client goes away, even while the upstream is silent.
+
+    Without this, a client that closes a paced stream would keep the upstream generating (and
+    billing) until the next chunk failed to send (docs/design.md §3: cancel promptly)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not exchange.finished and exchange.task is not None:
+                exchange.client_gone = True
+                exchange.task.cancel()
+            return
+
+
+async def exchange(
+    context: RequestContext,
+    receive: Receive,
+    send: Send,
+    upstream: UpstreamTarget,
+    outbound: OutboundRequest,
+    extra: RawHeaders,
+    settlement: Settlement | None,
+    rewrite: Rewrite | None = None,
+) -> None:
+    """Send ``outbound`` to ``upstream`` and relay its answer; settle the limits however the
+    exchange ended, a client that left included."""
+    watch = _Exchange(task=asyncio.current_task())
+    timer = asyncio.get_running_loop().call_later(
+        WATCH_AFTER_SECONDS, watch.start_watching, receive
+    )
+    response: UpstreamResponse | None = None
+    tap: UsageTap | None = None
+    complete = False
+    unanswered = False  # the upstream failed before its response: it used no tokens
+    strip_ratelimit = settlement is not None
+    try:
+        sent_at = time.perf_counter()
+        try:
+            response = await upstream.client.send(outbound)
+        except Exception as exc:
+            unanswered = True
+            context.upstream_error = type(exc).__name__
+            if not isinstance(exc, UpstreamError):
+                # A fault in the client itself, not the upstream: still an OpenAI-shaped 502
+                # for the caller, with the traceback for the operator.
+                logger.exception(
+                    "upstream client failed for upstream '%s' (request %s)",
+                    upstream.name,
+                    context.request_id,
+                )
+            await _upstream_refusal(exc, upstream.name).send(send, extra)
+        else:
+            context.upstream_seconds = time.perf_counter() - sent_at
+            if settlement is not None and settlement.counts_tokens:
+                tap = usage_tap(response.raw_headers)
+            if rewrite is not None and response.status == 200:
+                complete = await _relay_rewritten(
+                    context, send, response, extra, tap, rewrite, strip_ratelimit, upstream
+                )
+            else:
+                complete = await _relay(
+                    context, send, response, extra, tap, strip_ratelimit, upstream.secrets
+                )
+    except asyncio.CancelledError:
+        if not watch.client_gone:
+            raise
+        # The client left: drop the upstream connection so the upstream stops generating.
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        context.client_gone = True
+    finally:
+        watch.stop_watching(timer)
+        if response is not None:
+            if complete:
+                response.release()
+            else:
+                response.close()
+    used = _record_usage(context, tap)
+    if settlement is not None and settlement.counts_tokens:
+        if used is None and (unanswered or (response is not None and response.status >= 400)):
+            # The upstream failed or refused (and reported no usage): it generated nothing, so
+            # the reservation is refunded rather than kept.
+            used = 0
+        if used is not None:
+            # Every ending gets here, a client disconnect included (docs/design.md §3); the
+            # response is already complete, so settling inline delays nobody.
+            await settlement.limiter.settle(settlement.decision, used)
+
+
+def _record_usage(context: RequestContext, tap: UsageTap | None) -> int | None:
+    """The tokens to settle a reservation to: the response's final usage, input (prompt-cache
+    reads and writes included) plus output, as ``Usage.total_tokens`` counts them.
+
+    ``None`` when there is no final count: no usage was read, or the response ended before it
+    (a client that left, an upstream that failed mid-stream). The reservation then stands,
+    since the upstream generated until it was cancelled and nothing says how far; only an
+    upstream that never answered, or answered with an error status, has it refunded."""
+    usage = tap.finish() if tap is not None else None
+    if usage is None:
+        return None
+    context.tokens_in = usage.input_tokens
+    context.tokens_out = usage.output_tokens
+    return usage.total_tokens
+
+
+async def _relay(
+    context: RequestContext,
+    send: Send,
+    response: UpstreamResponse,
+    extra: RawHeaders,
+    tap: UsageTap | None,
+    strip_ratelimit: bool,
+    secrets: Sequence[bytes],
+) -> bool:
+    """Forward the head, then each raw chunk the moment it arrives. True if it completed.
+
+    The usage tap reads the same chunk objects; it never changes or delays them. One exception
+    to "the moment it arrives": when the upstream has ``secrets``, the body of a non-streamed
+    error is held first (up to ``ERROR_BODY_BYTES``) so that a credential it quotes can be
+    masked before anything is sent."""
+    headers, event_stream = downstream_response_headers(
+        response.raw_headers,
+        extra,
+        # The upstream's x-ratelimit-* describe the gateway's own upstream key; the caller's
+        # limits replace them.
+        drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
+        secrets=secrets,
+        keep_length=True,
+    )
+    status = response.status
+    read = response.read_chunk
+    sent = 0
+    held: Sequence[bytes] = ()
+    complete = False
+    if secrets and status >= 400 and not event_stream:
+        try:
+            held, complete = await hold_body(read, tap, ERROR_BODY_BYTES)
+        except UpstreamStreamError as exc:
+            # Cut before it could be inspected: the head, none of the body, a cut stream.
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            return _cut(context, exc, sent)
+        masked = masked_error_body(held, headers, secrets) if complete else None
+        if masked is not None:
+            headers, held = masked
+            logger.warning(
+                "upstream '%s' quoted its credentials in a %d response; masked",
+                context.upstream,
+                status,
+            )
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    for chunk in held:
+        sent += len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    while not complete:
+        try:
+            chunk = await read()
+        except UpstreamStreamError as exc:
+            return _cut(context, exc, sent)
+        if not chunk:
+            break
+        sent += len(chunk)
+        if tap is not None:
+            tap.feed(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    context.bytes_sent = sent
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return True
+
+
+async def _relay_rewritten(
+    context: RequestContext,
+    send: Send,
+    response: UpstreamResponse,
+    extra: RawHeaders,
+    tap: UsageTap | None,
+    rewrite: Rewrite,
+    strip_ratelimit: bool,
+    upstream: UpstreamTarget,
+) -> bool:
+    """Send the body ``rewrite`` makes of the upstream's whole successful body (the model list
+    for the caller, a model retrieved through an alias). True if the upstream's body was read
+    to its end.
+
+    The body is read whole, up to ``models_list.MAX_BODY_BYTES`` before and after inflating
+    (gzip and deflate: the codings the gateway asks for), and goes out decoded with its own
+    ``Content-Length``. One that cannot be read or is not what ``rewrite`` expects is a 502: a
+    list the gateway could not filter would show the caller models it may not use."""
+    headers, _ = downstream_response_headers(
+        response.raw_headers,
+        extra,
+        drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
+        secrets=upstream.secrets,
+    )
+    limit = models_list.MAX_BODY_BYTES
+    try:
+        held, complete = await hold_body(response.read_chunk, tap, limit)
+    except UpstreamStreamError as exc:
+        context.upstream_error = str(exc)
+        await errors.upstream_failed(upstream.name).send(send, extra)
+        return False
+    plain = decoded_body(b"".join(held), headers, limit) if complete else None
+    body = rewrite(plain) if plain is not None else None
+    if body is None:
+        await errors.unreadable_model_list(upstream.name).send(send, extra)
+        return complete
+    headers = [(n, v) for n, v in headers if n not in _REWRITTEN_DROPS]
+    headers.append((b"content-length", str(len(body)).encode("ascii")))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    context.bytes_sent = len(body)
+    return True
+
+
+def _cut(context: RequestContext, exc: UpstreamStreamError, sent: int) -> bool:
+    """The upstream failed after the head: returns False, the relay did not complete.
+
+    The status cannot change any more. Returning without the final message makes the server
+    drop the connection: the client sees a cut stream, never a clean end."""
+    context.upstream_error = str(exc)
+    context.bytes_sent = sent
+    logger.warning(
+        "upstream failed mid-response after %d bytes (request %s): %s",
+        sent,
+        context.request_id,
+        exc,
+    )
+    return False
+
+
+def _upstream_refusal(exc: Exception, upstream: str) -> errors.GatewayError:
+    if isinstance(exc, UpstreamTimeout):
+        return errors.upstream_timeout(upstream)
+    if isinstance(exc, UpstreamConnectError):
+        return errors.upstream_unreachable(upstream)
+    return errors.upstream_failed(upstream)
