@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime
 from urllib.parse import unquote_to_bytes
 
-from gateway.config.model import Alias, Route
-
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+from gateway.config.routes import Alias, Route
+from gateway.config.templates import split_template
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +74,8 @@ class _Template:
 
     @classmethod
     def parse(cls, path: str) -> _Template:
-        # re.split with two groups yields literal, name, ":path"|None, literal, ...
-        pieces = _PARAM.split(path)
-        return cls(tuple(piece for i, piece in enumerate(pieces) if i % 3 != 2))
+        pieces = split_template(path)
+        return cls(tuple(piece if isinstance(piece, str) else piece.name for piece in pieces))
 
     def fill(self, params: dict[str, str]) -> str:
         if len(self.parts) == 1:
@@ -109,12 +107,12 @@ def _deprecation_headers(alias: Alias | None) -> tuple[tuple[bytes, bytes], ...]
 
 def _compile(path: str) -> re.Pattern[str]:
     out = ["^"]
-    pieces = _PARAM.split(path)  # literal, name, ":path"|None, literal, ...
-    for i in range(0, len(pieces), 3):
-        out.append(re.escape(pieces[i]))
-        if i + 1 < len(pieces):
-            name, catch_all = pieces[i + 1], pieces[i + 2]
-            out.append(f"(?P<{name}>.*)" if catch_all else f"(?P<{name}>[^/]+)")
+    for piece in split_template(path):
+        if isinstance(piece, str):
+            out.append(re.escape(piece))
+        else:
+            name = piece.name
+            out.append(f"(?P<{name}>.*)" if piece.catch_all else f"(?P<{name}>[^/]+)")
     out.append("$")
     return re.compile("".join(out))
 

@@ -16,7 +16,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from gateway.config.model import GatewayConfig, Route
+from gateway.config.model import GatewayConfig
+from gateway.config.routes import Route
+from gateway.config.templates import segment_param
 
 KeyPath = tuple[str | int, ...]
 Problem = tuple[str, str]
@@ -29,7 +31,6 @@ RESERVED_PREFIX = "/admin/"
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PATH_PART = re.compile(r'\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|(?:^|\.)([A-Za-z0-9_-]+)')
-_PARAM = re.compile(r"^\{[^}:]*(:path)?\}$")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -287,8 +288,8 @@ def _shape(path: str) -> str:
     same requests, so they have the same shape."""
     segments = []
     for segment in path.split("/"):
-        match = _PARAM.match(segment)
-        segments.append(segment if match is None else "{:path}" if match.group(1) else "{}")
+        param = segment_param(segment)
+        segments.append(segment if param is None else "{:path}" if param.catch_all else "{}")
     return "/".join(segments)
 
 
@@ -298,9 +299,9 @@ def _serves(pattern: str, path: str) -> bool:
         return True
     wanted, given = pattern.split("/"), path.split("/")
     for i, segment in enumerate(wanted):
-        match = _PARAM.match(segment)
-        if match is not None and match.group(1):
+        param = segment_param(segment)
+        if param is not None and param.catch_all:
             return len(given) > i
-        if i >= len(given) or (segment != given[i] if match is None else not given[i]):
+        if i >= len(given) or (segment != given[i] if param is None else not given[i]):
             return False
     return len(given) == len(wanted)

@@ -6,10 +6,10 @@ their sunset and successor, so generated clients warn where the headers would.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from gateway import __version__
+from gateway.config.templates import split_template
 from gateway.routing import RouteTable
 
 _ERROR = {
@@ -29,14 +29,17 @@ _ERROR = {
 }
 
 
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::path)?\}")
-
-
 def _parameters(path: str) -> list[dict[str, Any]]:
     return [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PARAM.findall(path)
+        {"name": piece.name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for piece in split_template(path)
+        if not isinstance(piece, str)
     ]
+
+
+def _openapi_path(path: str) -> str:
+    """OpenAPI path templates have no catch-all syntax: '{rest:path}' becomes '{rest}'."""
+    return "".join(p if isinstance(p, str) else f"{{{p.name}}}" for p in split_template(path))
 
 
 def openapi_document(table: RouteTable, root_path: str) -> dict[str, Any]:
@@ -70,8 +73,7 @@ def openapi_document(table: RouteTable, root_path: str) -> dict[str, Any]:
             parameters = _parameters(endpoint.public_path)
             if parameters:
                 operation["parameters"] = parameters
-            # OpenAPI path templates have no catch-all syntax: '{rest:path}' becomes '{rest}'.
-            public = _PARAM.sub(r"{\1}", endpoint.public_path)
+            public = _openapi_path(endpoint.public_path)
             paths.setdefault(public, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",

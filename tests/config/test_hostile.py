@@ -16,7 +16,8 @@ import pytest
 from gateway.cli import main
 from gateway.config.files import MAX_FILE_BYTES, MAX_TOTAL_BYTES
 from gateway.config.loader import ConfigError, load_config, parse_config_text
-from gateway.config.yamldoc import MAX_ALIAS_NODES, MAX_DEPTH
+from gateway.config.yamldoc import MAX_DEPTH
+from gateway.config.yamlevents import MAX_ALIAS_NODES
 
 FAST = 1.0  # seconds: what "at once" means for every refusal below
 
