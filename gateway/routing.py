@@ -215,7 +215,7 @@ def judge_path(raw_path: str) -> PathVerdict:
     decoded = unquote_to_bytes(raw_path)
     if _unsafe_once_decoded(decoded):
         return PathVerdict.UNSAFE
-    if b"%" in decoded and _unsafe_once_decoded(unquote_to_bytes(decoded), slashes=True):
+    if b"%" in decoded and _unsafe_once_decoded(unquote_to_bytes(decoded)):
         # Encoded twice (%252e%252e%252f): safe only if nothing behind the gateway decodes
         # twice, which the gateway cannot know.
         return PathVerdict.UNSAFE
@@ -224,7 +224,7 @@ def judge_path(raw_path: str) -> PathVerdict:
     return PathVerdict.SAFE
 
 
-def _unsafe_once_decoded(decoded: bytes, *, slashes: bool = False) -> bool:
+def _unsafe_once_decoded(decoded: bytes) -> bool:
     if _FORBIDDEN.search(decoded):
         return True
     segments = decoded.split(b"/")[1:]

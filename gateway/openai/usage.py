@@ -164,17 +164,12 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def document_usage(document: object) -> Usage | None:
-    """The usage of a parsed response body or event: ``usage``, ``response.usage`` (the
-    Responses API's ``response.completed`` event) or ``message.usage`` (Anthropic's
-    ``message_start`` event)."""
-    found = _document_usage(document)
-    return found[0] if found is not None else None
-
-
 def _document_usage(document: object) -> tuple[Usage, bool] | None:
-    """``document_usage`` and whether it is a final count: all are but ``message_start``'s,
-    whose ``output_tokens`` is only where the count starts."""
+    """The usage of a parsed response body or event, and whether it is a final count.
+
+    It is ``usage``, ``response.usage`` (the Responses API's ``response.completed`` event) or
+    ``message.usage`` (Anthropic's ``message_start`` event); all are final counts but
+    ``message_start``'s, whose ``output_tokens`` is only where the count starts."""
     if not isinstance(document, dict):
         return None
     usage = document.get("usage")
