@@ -79,7 +79,7 @@ def main() -> None:
         config = work / "gateway.yaml"
         config.write_text(config_text(upstream_port, 0))
         env = {**os.environ, "PYTHONPATH": str(source)}
-        fake = [sys.executable, "-m", "tests.fakeupstream", "--port", str(upstream_port)]
+        fake = [sys.executable, "-m", "tests.support.fakeupstream", "--port", str(upstream_port)]
         gateway = [
             *(sys.executable, "-m", "gateway", "serve", "--config", str(config)),
             *("--port", str(gateway_port), "--log-level", "info"),

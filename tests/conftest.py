@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.auth import hash_key
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess, free_port
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
+from tests.support.ports import free_port
 
 DEMO_KEY = "sk-gw-test-demo"
 NARROW_KEY = "sk-gw-test-narrow"

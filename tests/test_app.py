@@ -1,4 +1,5 @@
-"""The gateway's own endpoints: health, readiness, the OpenAPI document of the public routes."""
+"""The gateway's own endpoints: health and readiness (the OpenAPI document of the public routes:
+``tests/endpoints/test_openapi.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import time
 import httpx
 
 from tests.conftest import UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 
 def test_healthz_and_readyz(gateway: GatewayProcess) -> None:
@@ -16,32 +17,6 @@ def test_healthz_and_readyz(gateway: GatewayProcess) -> None:
     ready = httpx.get(f"{gateway.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
-
-
-def test_openapi_lists_routes_and_aliases_with_deprecated_ones_marked(
-    gateway: GatewayProcess,
-) -> None:
-    document = httpx.get(f"{gateway.url}/openapi.json").json()
-    assert document["openapi"].startswith("3.1")
-    paths = document["paths"]
-    assert paths["/v1/chat/completions"]["post"].get("deprecated") is None
-    assert paths["/chat/completions"]["post"].get("deprecated") is None
-    old = paths["/openai/v1/chat/completions"]["post"]
-    assert old["deprecated"] is True
-    assert old["x-sunset"] == "2027-06-30"
-    assert old["x-successor"] == "/v1/chat/completions"
-    # The catch-all is written as an OpenAPI path template, with its parameter declared.
-    assert set(paths["/v1/{rest}"]) == {"get", "post", "delete"}
-    assert paths["/v1/{rest}"]["get"]["parameters"][0]["name"] == "rest"
-
-
-def test_forwarded_prefix_from_trusted_proxy_shows_in_openapi_servers(
-    gateway: GatewayProcess,
-) -> None:
-    document = httpx.get(
-        f"{gateway.url}/openapi.json", headers={"x-forwarded-prefix": "/llm"}
-    ).json()
-    assert document["servers"] == [{"url": "/llm"}]
 
 
 def test_trailing_slash_is_not_redirected(gateway: GatewayProcess) -> None:

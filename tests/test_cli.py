@@ -13,7 +13,7 @@ from gateway.auth import hash_key
 from gateway.cli import demo_key_refusal, main
 from gateway.config.loader import load_config, parse_config_text
 from gateway.config.model import GatewayConfig
-from tests.gatewayproc import free_port
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream, standard_chat_request
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream, standard_chat_request
+from tests.support.gatewayproc import GatewayProcess
 
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 

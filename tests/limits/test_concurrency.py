@@ -13,8 +13,8 @@ from gateway.auth import hash_key
 from gateway.config.loader import ConfigError, parse_config_text
 from gateway.limits.concurrency import ConcurrencyCaps, ConcurrencyLimiter, concurrency_caps
 from tests.conftest import UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 GREEDY_KEY = "sk-gw-test-greedy"
 TEAMMATE_KEY = "sk-gw-test-teammate"

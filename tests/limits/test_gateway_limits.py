@@ -32,8 +32,8 @@ from redis.cluster import RedisCluster
 from gateway.auth import hash_key
 from gateway.openai.tokens import estimate_tokens
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import STANDARD_PROMPT, FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import STANDARD_PROMPT, FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 from .conftest import RedisServer
 

@@ -12,8 +12,8 @@ import uuid
 
 import httpx
 
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 from .conftest import RedisServer
 from .test_gateway_limits import (

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 from .conftest import RedisServer
 from .test_gateway_limits import (

@@ -20,8 +20,8 @@ import pytest
 
 from gateway.auth import hash_key
 from tests.conftest import UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import STANDARD_PROMPT, FakeUpstream, anthropic_message_events
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import STANDARD_PROMPT, FakeUpstream, anthropic_message_events
+from tests.support.gatewayproc import GatewayProcess
 
 MARKER = "x-limits-test"
 BURST = 100_000

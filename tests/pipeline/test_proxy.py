@@ -1,7 +1,7 @@
 """The pipeline in process: admission and the relay against a stand-in behind the upstream seam.
 
-Fast specifications of what the end-to-end tests (``tests/test_proxy.py``) check through a real
-gateway process and a real fake upstream; here no socket is opened.
+Fast specifications of what the end-to-end tests (``tests/end_to_end/test_proxy.py``) check
+through a real gateway process and a real fake upstream; here no socket is opened.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 from tests.support.rawhttp import connect, exchange, is_closed, read_all, rss_kib, trickle
 
 CONNECTIONS = """  connections:

@@ -22,8 +22,9 @@ from uvicorn.supervisors.multiprocess import Process
 
 from gateway.server import runner
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess, free_port, stop_process
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess, stop_process
+from tests.support.ports import free_port
 
 ENV = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}

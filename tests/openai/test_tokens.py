@@ -5,7 +5,13 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.openai.tokens import IMAGE_TOKENS, MESSAGE_OVERHEAD, estimate_prompt, estimate_tokens
+from gateway.openai.tokens import (
+    IMAGE_TOKENS,
+    MESSAGE_OVERHEAD,
+    estimate_prompt,
+    estimate_tokens,
+    tokens_to_reserve,
+)
 
 
 def test_chat_messages_count_four_characters_a_token_plus_the_completion_maximum() -> None:
@@ -98,3 +104,10 @@ def test_no_body_reserves_nothing(body: dict[str, Any] | None) -> None:
 def test_odd_values_are_ignored_not_fatal() -> None:
     body = {"messages": [1, None, {"content": 5}], "max_tokens": True, "n": "2", "prompt": [None]}
     assert estimate_tokens(body, 100) == 3 * MESSAGE_OVERHEAD + 100
+
+
+def test_deeply_nested_json_is_reserved_from_its_size_not_a_crash() -> None:
+    # 1,000 levels: orjson accepts up to 1,024, deeper than Python's recursion limit allows.
+    payload = b'{"model":"m","messages":' + b'[{"content":' * 499 + b'"x"' + b"}]" * 499 + b"}"
+    document = orjson.loads(payload)
+    assert tokens_to_reserve(document, len(payload), 4096) >= len(payload) // 4

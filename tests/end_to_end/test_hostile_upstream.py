@@ -1,9 +1,9 @@
 """What a hostile or careless upstream cannot do to the gateway or its clients, end to end.
 
-A real ``gateway serve`` process sits in front of a raw server (``tests/hostileupstream.py``)
-answering with bytes written here, which no well-behaved upstream would send: a gzip bomb,
-errors that quote the credentials the gateway sent it. Every key has token limits, so the
-gateway's usage tap reads every response.
+A real ``gateway serve`` process sits in front of a raw server
+(``tests/support/hostileupstream.py``) answering with bytes written here, which no well-behaved
+upstream would send: a gzip bomb, errors that quote the credentials the gateway sent it. Every
+key has token limits, so the gateway's usage tap reads every response.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orjson
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.gatewayproc import GatewayProcess
-from tests.hostileupstream import (
+from tests.support.gatewayproc import GatewayProcess
+from tests.support.hostileupstream import (
     HostileRequest,
     HostileUpstream,
     gzip_bomb,

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from gateway.openai.usage import Usage, UsageTap
-from tests.hostileupstream import gzip_bomb
+from tests.support.hostileupstream import gzip_bomb
 
 CHAT_JSON = orjson.dumps(
     {

@@ -9,7 +9,6 @@ import base64
 import gzip
 import logging
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -27,10 +26,11 @@ import openai
 import orjson
 import pytest
 
-from tests import fakeupstream as fake
-from tests.fakeupstream import FakeUpstream
+from tests.support import fakeupstream as fake
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.ports import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there, fake."}]}
 
 
@@ -156,12 +156,18 @@ def test_stopping_answers_a_hung_request_instead_of_waiting_for_it_forever() -> 
 
 
 def test_standalone_process_serves_and_prints_nothing_even_for_deliberate_aborts() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     http = httpx.Client(verify=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakeupstream", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tests.support.fakeupstream",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

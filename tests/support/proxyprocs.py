@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gatewayproc import ChildProcess
+from tests.support.gatewayproc import ChildProcess
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NGINX_DIR = DEPLOY / "nginx"
 TRAEFIK_DIR = DEPLOY / "traefik"
 # The Nginx configs include these; they resolve next to the main config, as in /etc/nginx.

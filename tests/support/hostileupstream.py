@@ -1,10 +1,11 @@
 """An upstream that misbehaves at the byte level, for end-to-end tests of the gateway's defences.
 
-The fake upstream (``tests/fakeupstream.py``) answers in OpenAI's shapes; this one answers with
-whatever exact bytes a test writes, from a plain threaded socket server on 127.0.0.1, so a test can
-send what no well-behaved server would: a gzip bomb, an error that echoes the credentials it
-received. It is synchronous (one thread per connection) because the gateway under test is a
-separate process and the test drives it with blocking clients.
+The fake upstream (``tests/support/fakeupstream/``) answers in OpenAI's shapes; this one answers
+with whatever exact bytes a test writes, from a plain threaded socket server on 127.0.0.1, so a
+test can send what no well-behaved server would: a gzip bomb, an error that echoes the
+credentials it received. It is synchronous (one thread per connection) because the gateway under
+test is a separate process and the test drives it with blocking clients (``rawserver.RawServer``
+is the asynchronous one, for a client running in the test's own event loop).
 
 - ``HostileUpstream(respond)``: calls ``respond(request)`` for every request and writes the bytes
   it yields, one ``sendall`` each, then closes the connection.

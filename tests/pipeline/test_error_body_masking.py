@@ -1,5 +1,5 @@
 """Masking the upstream's secrets in a non-streamed error body, as a specification of the
-relay's helpers; end to end in ``tests/test_hostile_upstream.py``."""
+relay's helpers; end to end in ``tests/end_to_end/test_hostile_upstream.py``."""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ import pytest
 from gateway import errors
 from gateway.http.body import BodyBudget
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream
-from tests.gatewayproc import GatewayProcess
 from tests.server.test_protocol import CHAT, CHAT_BODY
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 from tests.support.rawhttp import connect, read_all
 
 

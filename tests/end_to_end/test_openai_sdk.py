@@ -11,8 +11,8 @@ import pytest
 
 from gateway.auth import hash_key
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import CREATED, FILE_ID, TRANSCRIPTION_TEXT, FakeUpstream
-from tests.gatewayproc import GatewayProcess
+from tests.support.fakeupstream import CREATED, FILE_ID, TRANSCRIPTION_TEXT, FakeUpstream
+from tests.support.gatewayproc import GatewayProcess
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
     {"role": "user", "content": "Say something deterministic."}

@@ -1,14 +1,13 @@
-"""The per-config snapshot: upstream URLs, added headers, token reservations."""
+"""An upstream as the relay uses it (``gateway/upstream/targets.py``), built from its config by
+the per-config snapshot: its URLs, the headers and query it adds, its secrets."""
 
 from __future__ import annotations
 
-import orjson
 import pytest
 
 from gateway.config.model import GatewayConfig, Upstream
 from gateway.http.headers import mask_secrets
 from gateway.limits import LocalLimiter
-from gateway.openai.tokens import tokens_to_reserve
 from gateway.runtime import build_runtime
 from gateway.upstream.transports.http1 import Http1Client
 
@@ -75,13 +74,6 @@ def test_configured_headers_and_auth_are_added_and_named_for_replacement() -> No
     assert target.added_names == {b"anthropic-version", b"x-api-key"}
     # Third-party https upstreams learn nothing of the client's address by default.
     assert not target.append_forwarded_for
-
-
-def test_deeply_nested_json_is_reserved_from_its_size_not_a_crash() -> None:
-    # 1,000 levels: orjson accepts up to 1,024, deeper than Python's recursion limit allows.
-    payload = b'{"model":"m","messages":' + b'[{"content":' * 499 + b'"x"' + b"}]" * 499 + b"}"
-    document = orjson.loads(payload)
-    assert tokens_to_reserve(document, len(payload), 4096) >= len(payload) // 4
 
 
 def secrets_of(upstream: dict[str, object]) -> tuple[bytes, ...]:

@@ -1,41 +1,54 @@
-"""What ``gateway.upstream.transports.http1.Http1Client`` does on the wire, as a specification.
+"""The wire specification of an upstream client: what every client the config can select
+(``server.upstream_client``, ``gateway.app.CLIENTS``) does on the wire.
 
-Realistic exchanges go to the fake upstream (``tests/fakeupstream.py``). Protocol edge cases go
-to tiny raw servers started in the test on 127.0.0.1 (``RawServer``): they record the exact bytes
-of every request and answer with exact bytes the test chooses, so nothing between the client
-and the assertion can normalise what was sent or received.
+Every test runs once per client, through the seam (``gateway/upstream/seam.py``) only.
+Realistic exchanges go to the fake upstream (``tests/support/fakeupstream/``). Protocol edge
+cases go to tiny raw servers started in the test on 127.0.0.1 (``tests/support/rawserver.py``):
+they record the exact bytes of every request and answer with exact bytes the test chooses, so
+nothing between the client and the assertion can normalise what was sent or received. What only
+one client guarantees is in that client's own file (``test_http1.py``).
+
+A case that shows a known bug of one client is marked ``bug_in(client, why)``: a strict xfail
+for that client alone, which fails again (as an unexpected pass) once the bug is fixed, until
+the mark is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
-import hashlib
 import socket
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Self
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import get_args
 
 import orjson
 import pytest
 
-from gateway.config.model import Timeouts
+from gateway.app import CLIENTS
+from gateway.config.settings import ServerSettings
 from gateway.upstream.seam import (
-    OutboundRequest,
+    UpstreamClient,
     UpstreamConnectError,
     UpstreamProtocolError,
-    UpstreamResponse,
     UpstreamStreamError,
     UpstreamTimeout,
 )
-from gateway.upstream.transports.http1 import Http1Client, Http1Response
-from tests import fakeupstream as fake
-from tests.fakeupstream import FakeUpstream
+from tests.support import fakeupstream as fake
+from tests.support.fakeupstream import FakeUpstream
+from tests.support.outbound import chat, fetch, get, outbound, read_all
+from tests.support.ports import free_port
+from tests.support.rawserver import (
+    OK,
+    RawConnection,
+    RawServer,
+    answer_each,
+    answering,
+    drops_the_second_request,
+)
 
-OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "Hello there, fake."}]}
 CHAT_STREAM = {**CHAT, "stream": True}
 
@@ -43,220 +56,24 @@ linux_only = pytest.mark.skipif(
     sys.platform != "linux", reason="a hanging connect needs Linux's full-backlog SYN drop"
 )
 
-
-# -- A raw server that records exact bytes -------------------------------------------------------
-
-
-class RawConnection:
-    """One accepted connection, seen from the server."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.requests: list[bytes] = []  # each request's exact bytes: head and body
-        self.eof = False  # the client closed cleanly (FIN, not RST)
-        self.finished = asyncio.Event()  # the handler is done; the server closed its side
-
-    async def read_request(self) -> bytes | None:
-        """The next request's exact bytes (a ``content-length`` body included); None at EOF."""
-        try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise AssertionError(
-                    f"the connection ended inside a head: {exc.partial!r}"
-                ) from None
-            self.eof = True
-            return None
-        except ConnectionResetError:
-            return None
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        request = head + await self.reader.readexactly(length)
-        self.requests.append(request)
-        return request
-
-    async def wait_eof(self) -> None:
-        """Discard what arrives until the client closes the connection."""
-        with contextlib.suppress(ConnectionResetError):
-            while await self.reader.read(65536):
-                pass
-            self.eof = True
-
-    def write(self, data: bytes) -> None:
-        self.writer.write(data)
+MakeClient = Callable[[int], UpstreamClient]
 
 
-Handler = Callable[[RawConnection], Awaitable[None]]
-
-
-class RawServer:
-    """``asyncio.start_server`` on 127.0.0.1, a free port, one ``handler`` per connection.
-
-    The server closes a connection when its handler returns. ``connections`` lists them in
-    accept order; ``peak`` is the most that were open at once. An exception in a handler fails
-    the test when the server stops. With ``serving=False`` the socket listens with a backlog of
-    one and accepts nothing until ``start_serving()``: ``fill_backlog()`` then makes any further
-    connect hang (Linux drops the SYN of a connection its full accept queue cannot take).
-    """
-
-    def __init__(self, handler: Handler, *, serving: bool = True) -> None:
-        self._handler = handler
-        self._serving = serving
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._fillers: list[socket.socket] = []
-        self.connections: list[RawConnection] = []
-        self.errors: list[BaseException] = []
-        self.open = 0
-        self.peak = 0
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(0)
-        self.port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(
-            self._serve, sock=sock, start_serving=self._serving
-        )
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        connection = RawConnection(reader, writer)
-        self.connections.append(connection)
-        self.open += 1
-        self.peak = max(self.peak, self.open)
-        try:
-            await self._handler(connection)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away mid-exchange: the test decides whether that was right
-        except Exception as exc:
-            self.errors.append(exc)
-        finally:
-            self.open -= 1
-            writer.close()
-            connection.finished.set()
-
-    def fill_backlog(self) -> None:
-        """Occupy the accept queue of a server that is not serving yet."""
-        for _ in range(3):
-            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            filler.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                filler.connect(("127.0.0.1", self.port))
-            self._fillers.append(filler)
-
-    async def start_serving(self) -> None:
-        """Close the fillers, accept, and return once the queued ones have been taken."""
-        queued = 0
-        for filler in self._fillers:
-            with contextlib.suppress(OSError):
-                filler.getpeername()  # only connections that made it into the queue have a peer
-                queued += 1
-            filler.close()
-        self._fillers.clear()
-        await self._server.start_serving()
-        async with asyncio.timeout(2):
-            while len(self.connections) < queued:
-                await asyncio.sleep(0.001)
-
-    async def __aexit__(self, exc_type: object, *rest: object) -> None:
-        for filler in self._fillers:
-            filler.close()
-        self._server.close()
-        for connection in self.connections:
-            connection.writer.close()  # a handler waiting on a read sees EOF and returns
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=2)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-        await self._server.wait_closed()
-        if self.errors and exc_type is None:
-            raise self.errors[0]
-
-
-async def answer_each(connection: RawConnection, response: bytes = OK) -> None:
-    """Answer every request on the connection with ``response`` until the client closes."""
-    while await connection.read_request() is not None:
-        connection.write(response)
-
-
-def answering(response: bytes) -> Handler:
-    async def handler(connection: RawConnection) -> None:
-        await answer_each(connection, response)
-
-    return handler
-
-
-# -- The client side -----------------------------------------------------------------------------
-
-
-def outbound(
-    method: str,
-    url: str,
-    *,
-    headers: Sequence[tuple[str, str]] = (),
-    body: bytes = b"",
-    connect: float = 2.0,
-    read: float = 2.0,
-) -> OutboundRequest:
-    return OutboundRequest(method, url, headers, body, Timeouts(connect=connect, read=read))
-
-
-def get(url: str, *, connect: float = 2.0, read: float = 2.0) -> OutboundRequest:
-    return outbound("GET", url, connect=connect, read=read)
-
-
-def chat(
-    url: str, payload: bytes, *controls: tuple[str, str], read: float = 2.0
-) -> OutboundRequest:
-    headers = [("content-type", "application/json"), *controls]
-    path = url + "/v1/chat/completions"
-    return outbound("POST", path, headers=headers, body=payload, read=read)
-
-
-async def read_all(response: UpstreamResponse) -> bytes:
-    parts = []
-    while chunk := await response.read_chunk():
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-async def fetch(client: Http1Client, request: OutboundRequest) -> tuple[UpstreamResponse, bytes]:
-    """Send, read the body to its end, give the connection back."""
-    response = await client.send(request)
-    body = await read_all(response)
-    response.release()
-    return response, body
-
-
-def internals(response: UpstreamResponse) -> Http1Response:
-    assert isinstance(response, Http1Response)
-    return response
-
-
-MakeClient = Callable[[int], Http1Client]
+@pytest.fixture(params=sorted(CLIENTS))
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each client the config can select, by its name there (``server.upstream_client``)."""
+    name: str = request.param
+    return name
 
 
 @pytest.fixture
-async def make_client() -> AsyncIterator[MakeClient]:
+async def make_client(transport: str) -> AsyncIterator[MakeClient]:
     """Clients closed at the end of the test; responses must be released or closed by it."""
-    made: list[Http1Client] = []
+    factory = CLIENTS[transport]
+    made: list[UpstreamClient] = []
 
-    def make(max_connections: int = 10) -> Http1Client:
-        client = Http1Client(max_connections=max_connections)
+    def make(max_connections: int = 10) -> UpstreamClient:
+        client = factory(max_connections=max_connections)
         made.append(client)
         return client
 
@@ -273,17 +90,45 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield server
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def bug_in(client: str, why: str) -> pytest.MarkDecorator:
+    """Run the test for every client, as a strict xfail for ``client``: the case shows a known
+    bug of that client, which ``why`` describes."""
+    assert client in CLIENTS, client
+    return pytest.mark.parametrize(
+        "transport",
+        [
+            pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"{client}: {why}"))
+            if name == client
+            else name
+            for name in sorted(CLIENTS)
+        ],
+    )
+
+
+def own_names_lowered(request: bytes) -> bytes:
+    """``request`` with the names of the header lines a client writes on its own (``host``,
+    ``content-length``) lower-cased: field names are case-insensitive (RFC 9110 §5.1) and each
+    client spells its own; every other byte stays exactly as it was sent."""
+    head, end, body = request.partition(b"\r\n\r\n")
+    request_line, *fields = head.split(b"\r\n")
+    spelled = []
+    for field in fields:
+        name, colon, value = field.partition(b":")
+        if name.lower() in (b"host", b"content-length"):
+            name = name.lower()
+        spelled.append(name + colon + value)
+    return b"\r\n".join([request_line, *spelled]) + end + body
+
+
+def test_the_specification_runs_against_every_client_the_config_can_select() -> None:
+    names = get_args(ServerSettings.model_fields["upstream_client"].annotation)
+    assert set(names) == set(CLIENTS)
 
 
 # -- The request on the wire ---------------------------------------------------------------------
 
 
-async def test_a_request_is_written_as_given_target_host_headers_in_order_and_body(
+async def test_a_request_is_written_as_given_but_for_the_spelling_of_the_clients_own_names(
     make_client: MakeClient,
 ) -> None:
     async with RawServer(answer_each) as server:
@@ -305,7 +150,7 @@ async def test_a_request_is_written_as_given_target_host_headers_in_order_and_bo
 
     (connection,) = server.connections
     host = f"127.0.0.1:{server.port}".encode()
-    assert connection.requests == [
+    assert [own_names_lowered(request) for request in connection.requests] == [
         b"POST " + target.encode() + b" HTTP/1.1\r\n"
         b"host: " + host + b"\r\n"
         b"Authorization: Bearer sk-1\r\n"
@@ -318,30 +163,45 @@ async def test_a_request_is_written_as_given_target_host_headers_in_order_and_bo
     ]
 
 
+EMPTY_BODIES = [
+    ("POST", b"content-length: 0\r\n"),
+    ("PUT", b"content-length: 0\r\n"),
+    ("PATCH", b"content-length: 0\r\n"),
+    ("GET", b""),
+    ("DELETE", b""),
+]
+# RFC 9110 §8.6: a request without content whose method does not anticipate any SHOULD NOT
+# carry a Content-Length; the relay sends the client's own framing, and no more.
+AIOHTTP_ADDS_A_LENGTH = pytest.mark.xfail(
+    strict=True, reason="aiohttp: a bodiless DELETE goes out with content-length: 0"
+)
+
+
 @pytest.mark.parametrize(
-    ("method", "length_line"),
+    ("transport", "method", "length_line"),
     [
-        ("POST", b"content-length: 0\r\n"),
-        ("PUT", b"content-length: 0\r\n"),
-        ("PATCH", b"content-length: 0\r\n"),
-        ("GET", b""),
-        ("DELETE", b""),
+        pytest.param(
+            name,
+            method,
+            line,
+            marks=AIOHTTP_ADDS_A_LENGTH if (name, method) == ("aiohttp", "DELETE") else (),
+        )
+        for name in sorted(CLIENTS)
+        for method, line in EMPTY_BODIES
     ],
 )
-async def test_an_empty_body_is_announced_as_zero_length_only_for_methods_that_carry_one(
+async def test_an_empty_body_is_announced_only_for_methods_that_carry_one(
     make_client: MakeClient, method: str, length_line: bytes
 ) -> None:
     async with RawServer(answer_each) as server:
         await fetch(make_client(10), outbound(method, server.url + "/x", headers=[("a", "b")]))
     host = f"127.0.0.1:{server.port}".encode()
-    assert server.connections[0].requests == [
+    assert [own_names_lowered(request) for request in server.connections[0].requests] == [
         method.encode() + b" /x HTTP/1.1\r\nhost: " + host + b"\r\na: b\r\n" + length_line + b"\r\n"
     ]
 
 
-@pytest.mark.parametrize(
-    ("suffix", "target"), [("", b"/"), ("/", b"/"), ("?x=1", b"/?x=1"), ("/?", b"/?")]
-)
+@pytest.mark.parametrize(("suffix", "target"), [("", b"/"), ("/", b"/"), ("?x=1", b"/?x=1")])
 async def test_a_url_without_a_path_asks_for_the_root(
     make_client: MakeClient, suffix: str, target: bytes
 ) -> None:
@@ -545,24 +405,6 @@ async def test_a_connection_the_server_says_it_will_close_is_not_reused(
     assert server.connections[0].eof  # the client closed the first one
 
 
-async def test_a_response_closed_before_its_end_drops_its_connection(
-    make_client: MakeClient,
-) -> None:
-    big = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"z" * 100000
-    async with RawServer(answering(big)) as server:
-        client = make_client(10)
-        response = await client.send(get(server.url + "/"))
-        assert await response.read_chunk()
-        response.close()
-        response.close()  # idempotent
-        response.release()  # after close: nothing to give back
-        second = await client.send(get(server.url + "/"))
-        assert len(await read_all(second)) == 100000
-        second.release()
-        await asyncio.wait_for(server.connections[0].finished.wait(), 2)
-    assert len(server.connections) == 2
-
-
 async def test_a_response_released_before_its_end_drops_its_connection(
     make_client: MakeClient,
 ) -> None:
@@ -661,6 +503,11 @@ async def test_the_pool_opens_at_most_max_connections_and_later_requests_wait_th
     assert sorted(finished_at)[2] - max(first_two) >= 0.1  # it was sent only after one ended
 
 
+@bug_in(
+    "aiohttp",
+    "the wait for a free connection is not bounded by the connect timeout: the client sets "
+    "only ClientTimeout.sock_connect, and aiohttp bounds that wait with ClientTimeout.connect",
+)
 async def test_waiting_for_a_free_connection_longer_than_the_connect_timeout_is_a_timeout(
     make_client: MakeClient,
 ) -> None:
@@ -705,31 +552,15 @@ async def test_a_kept_alive_connection_the_server_closed_is_replaced_transparent
     assert [len(c.requests) for c in server.connections] == [1, 1, 1]
 
 
-def _drops_the_second_request(
-    server: Callable[[], RawServer],
-) -> Callable[[RawConnection], Awaitable[None]]:
-    """A server whose first connection takes one request and closes as the second arrives."""
-
-    async def handler(connection: RawConnection) -> None:
-        if connection is server().connections[0]:
-            await connection.read_request()
-            connection.write(OK)
-            await connection.read_request()
-            return  # closed as the request arrived: not a byte of a response
-        await answer_each(connection)
-
-    return handler
-
-
 @pytest.mark.parametrize(
     ("method", "headers"),
-    [("PUT", [("a", "1")]), ("POST", [("idempotency-key", "k-1")])],
-    ids=["idempotent-method", "idempotency-key"],
+    [("PUT", [("a", "1")])],
+    ids=["idempotent-method"],
 )
 async def test_a_replayable_request_lost_by_a_reused_connection_is_sent_once_more(
     make_client: MakeClient, method: str, headers: list[tuple[str, str]]
 ) -> None:
-    async with RawServer(_drops_the_second_request(lambda: server)) as server:
+    async with RawServer(drops_the_second_request(lambda: server)) as server:
         client = make_client(1)
         await fetch(client, get(server.url + "/first"))
         request = outbound(method, server.url + "/second", headers=headers, body=b"{}")
@@ -744,23 +575,11 @@ async def test_a_post_lost_by_a_reused_connection_is_not_sent_twice(
     make_client: MakeClient,
 ) -> None:
     """The upstream may have read it: a second POST is a second generation (RFC 9110 §9.2.2)."""
-    async with RawServer(_drops_the_second_request(lambda: server)) as server:
+    async with RawServer(drops_the_second_request(lambda: server)) as server:
         client = make_client(1)
         await fetch(client, get(server.url + "/first"))
         with pytest.raises(UpstreamProtocolError):
             await client.send(outbound("POST", server.url + "/second", body=b"{}"))
-    assert len(server.connections) == 1
-
-
-async def test_a_new_connection_closed_before_the_response_is_a_protocol_error_without_retry(
-    make_client: MakeClient,
-) -> None:
-    async def drops(connection: RawConnection) -> None:
-        await connection.read_request()
-
-    async with RawServer(drops) as server:
-        with pytest.raises(UpstreamProtocolError):
-            await make_client(1).send(get(server.url + "/"))
     assert len(server.connections) == 1
 
 
@@ -777,23 +596,6 @@ async def test_the_retry_happens_once_only(make_client: MakeClient) -> None:
         with pytest.raises(UpstreamProtocolError):
             await client.send(get(server.url + "/again"))
     assert [len(c.requests) for c in server.connections] == [2, 1]
-
-
-async def test_a_reused_connection_that_dies_after_response_bytes_is_not_retried(
-    make_client: MakeClient,
-) -> None:
-    async def handler(connection: RawConnection) -> None:
-        await connection.read_request()
-        connection.write(OK)
-        await connection.read_request()
-        connection.write(b"HTTP/1.1 200 OK\r\ncontent-")
-
-    async with RawServer(handler) as server:
-        client = make_client(1)
-        await fetch(client, get(server.url + "/"))
-        with pytest.raises(UpstreamProtocolError):
-            await client.send(get(server.url + "/again"))
-    assert len(server.connections) == 1
 
 
 # -- Errors --------------------------------------------------------------------------------------
@@ -928,74 +730,40 @@ async def test_the_read_timeout_bounds_each_silence_not_the_whole_stream(
     assert body == b"".join(fake.chat_completion_events(CHAT_STREAM, chunks=3))
 
 
-# -- Back-pressure -------------------------------------------------------------------------------
-
-
-async def test_a_slow_reader_pauses_a_fast_upstream_and_gets_every_byte(
-    make_client: MakeClient,
-) -> None:
-    size = 16 * 1024 * 1024
-    payload = hashlib.shake_256(b"back-pressure").digest(size)
-    all_written = asyncio.Event()
-
-    async def fast(connection: RawConnection) -> None:
-        await connection.read_request()
-        connection.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
-        view = memoryview(payload)
-        for start in range(0, size, 64 * 1024):
-            connection.writer.write(view[start : start + 64 * 1024])
-            await connection.writer.drain()
-        all_written.set()
-        await answer_each(connection)
-
-    bound = 1024 * 1024  # 256 KiB high-water mark plus at most one socket read past it
-    async with RawServer(fast) as server:
-        response = await make_client(1).send(get(server.url + "/big"))
-        exchange = internals(response)._connection
-        await asyncio.sleep(0.2)  # the reader is busy elsewhere; the upstream keeps sending
-        assert exchange.paused
-        assert 0 < exchange.buffered <= bound
-        assert not all_written.is_set()  # the kernel's buffers filled: the upstream waits too
-        digest = hashlib.sha256()
-        received = 0
-        most = exchange.buffered
-        while chunk := await response.read_chunk():
-            digest.update(chunk)
-            received += len(chunk)
-            most = max(most, exchange.buffered)
-            if received % (1024 * 1024) < len(chunk):
-                await asyncio.sleep(0.005)  # still slow now and then
-        response.release()
-        assert all_written.is_set()
-    assert received == size
-    assert digest.digest() == hashlib.sha256(payload).digest()
-    assert most <= bound
-
-
 # -- Closing -------------------------------------------------------------------------------------
 
 
-async def test_aclose_closes_idle_connections_and_drops_busy_ones_when_released(
+@bug_in(
+    "aiohttp",
+    "aclose() closes the connections of exchanges in progress too, and their next "
+    "read_chunk() raises RuntimeError('Connection closed.'), outside the seam's exceptions",
+)
+async def test_aclose_lets_an_exchange_in_progress_finish_then_closes_its_connection(
     make_client: MakeClient,
 ) -> None:
-    async with RawServer(answer_each) as server:
+    """A reload retires the pool of an upstream it no longer uses while streams on it go on
+    (``gateway.app``: "requests in flight finish on the old one")."""
+    go_on = asyncio.Event()
+
+    async def handler(connection: RawConnection) -> None:
+        await connection.read_request()
+        connection.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf-")
+        await go_on.wait()
+        connection.write(b"done!")
+        await connection.wait_eof()
+
+    async with RawServer(handler) as server:
         client = make_client(10)
-        busy = await client.send(get(server.url + "/busy"))
-        idle_response, _ = await fetch(client, get(server.url + "/idle"))  # a second connection
-        assert len(server.connections) == 2
+        response = await client.send(get(server.url + "/"))
         await client.aclose()
-        in_use, idle = server.connections
-        await asyncio.wait_for(idle.finished.wait(), 2)
-        assert idle.eof  # a clean close, not a reset
-        assert not in_use.finished.is_set()  # the exchange in progress is left alone
-        assert await read_all(busy) == b"ok"
-        busy.release()
-        await asyncio.wait_for(in_use.finished.wait(), 2)
-    assert in_use.eof
-    assert idle_response.status == 200
+        go_on.set()
+        assert await read_all(response) == b"half-done!"
+        response.release()
+        await asyncio.wait_for(server.connections[0].finished.wait(), 2)
+    assert server.connections[0].eof
 
 
-# -- Bugs found while writing this specification (strict xfails: they fail until fixed) ----------
+# -- Bugs found while writing this specification -------------------------------------------------
 
 
 async def test_a_failed_connect_wakes_a_request_waiting_for_its_place(
@@ -1031,27 +799,7 @@ async def test_a_request_cancelled_while_connecting_gives_its_place_back(
     assert body == b"ok"
 
 
-async def test_a_waiter_cancelled_as_it_is_woken_stops_and_passes_the_turn_on(
-    make_client: MakeClient,
-) -> None:
-    async with RawServer(answer_each) as server:
-        client = make_client(1)
-        holder = await client.send(get(server.url + "/holder"))
-        cancelled = asyncio.create_task(client.send(get(server.url + "/cancelled")))
-        patient = asyncio.create_task(fetch(client, get(server.url + "/patient", connect=0.5)))
-        await asyncio.sleep(0.05)  # both wait for the only place
-        assert await read_all(holder) == b"ok"
-        holder.release()  # wakes the first waiter...
-        cancelled.cancel()  # ...whose client goes away before it could take its turn
-        await asyncio.wait([cancelled])
-        if not cancelled.cancelled() and cancelled.exception() is None:
-            cancelled.result().close()  # the cancel was swallowed: the request went on
-        (outcome,) = await asyncio.gather(patient, return_exceptions=True)
-    assert cancelled.cancelled(), "the cancelled request went on"
-    assert not isinstance(outcome, BaseException), f"the next waiter got {outcome!r}"
-    assert outcome[1] == b"ok"
-
-
+@bug_in("aiohttp", "a 101 Switching Protocols nobody asked for comes back as a response")
 async def test_a_switch_of_protocols_nobody_asked_for_is_a_protocol_error(
     make_client: MakeClient,
 ) -> None:
@@ -1124,6 +872,11 @@ async def test_bytes_after_the_end_of_a_response_are_not_its_body(
     assert len(server.connections) == 2
 
 
+@bug_in(
+    "aiohttp",
+    "a close-delimited body cut by a reset ends as if the upstream had closed cleanly "
+    "(aiohttp's connection_lost feeds the parser an EOF either way)",
+)
 async def test_a_close_delimited_body_cut_by_a_reset_is_a_stream_error(
     make_client: MakeClient,
 ) -> None:

@@ -2,7 +2,7 @@
 
 Each scenario starts a gateway (``gateway serve``) in front of the fake upstream and the real proxy
 in front of the gateway, with the very files in ``deploy/`` (placeholders filled by
-``tests.proxyprocs.render``), and drives the chain with the official ``openai`` SDK whose
+``tests.support.proxyprocs.render``), and drives the chain with the official ``openai`` SDK whose
 ``base_url`` carries the public prefix:
 
 ==========================  ==============================  =====================================
@@ -23,8 +23,8 @@ through Nginx (which appends to it), so the spoofing test is not vacuous.
 
 Not tested here: X-Forwarded-Proto. The gateway writes no absolute URL (the successor ``Link``
 and the OpenAPI ``servers`` are paths with the public prefix), and nothing it returns or logs
-carries the scheme, so there is nothing to observe from outside; tests/test_forwarded.py covers
-the scheme at the unit level.
+carries the scheme, so there is nothing to observe from outside; tests/http/test_forwarded.py
+covers the scheme at the unit level.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import openai
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
-from tests.fakeupstream import FakeUpstream, RecordedRequest
-from tests.gatewayproc import GatewayProcess
-from tests.proxyprocs import (
+from tests.support.fakeupstream import FakeUpstream, RecordedRequest
+from tests.support.gatewayproc import GatewayProcess
+from tests.support.proxyprocs import (
     NginxProcess,
     ProxyProcess,
     TraefikProcess,
