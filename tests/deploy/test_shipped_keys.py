@@ -12,7 +12,13 @@ import pytest
 from gateway.auth import hash_key
 from gateway.cli import DEMO_KEY, demo_key_refusal, main
 from gateway.config.loader import parse_config_text
-from tests.deploy.test_kubernetes import DEPLOY, PLACEHOLDER, documents, fill_in_a_key
+from tests.deploy.deployfiles import (
+    COMPOSE_DIR,
+    DEPLOY,
+    PLACEHOLDER,
+    documents,
+    fill_in_a_key,
+)
 
 ENV = {"REDIS_URL": "redis://redis:6379/0", "OPENAI_API_KEY": "sk-test"}
 
@@ -28,7 +34,11 @@ def image_config() -> Path:
 def shipped_configs(tmp_path: Path) -> dict[str, Path]:
     configmap = tmp_path / "configmap-gateway.yaml"
     configmap.write_text(documents()["ConfigMap"]["data"]["gateway.yaml"])
-    return {"image": image_config(), "configmap": configmap}
+    return {
+        "image": image_config(),
+        "configmap": configmap,
+        "compose": COMPOSE_DIR / "gateway.yaml",
+    }
 
 
 def test_no_deploy_file_holds_the_demo_key_hash() -> None:
@@ -42,7 +52,7 @@ def test_no_deploy_file_holds_the_demo_key_hash() -> None:
     assert PLACEHOLDER in image_config().read_text()
 
 
-@pytest.mark.parametrize("shipped", ["image", "configmap"])
+@pytest.mark.parametrize("shipped", ["image", "configmap", "compose"])
 def test_shipped_config_fails_check_with_the_placeholder_line_and_what_to_run(
     shipped: str,
     tmp_path: Path,
@@ -61,7 +71,7 @@ def test_shipped_config_fails_check_with_the_placeholder_line_and_what_to_run(
     assert PLACEHOLDER not in err[1]  # a pasted key would be echoed the same way
 
 
-@pytest.mark.parametrize("shipped", ["image", "configmap"])
+@pytest.mark.parametrize("shipped", ["image", "configmap", "compose"])
 def test_shipped_config_passes_check_and_may_listen_anywhere_once_a_real_hash_is_filled_in(
     shipped: str,
     tmp_path: Path,
