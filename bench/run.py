@@ -5,14 +5,14 @@ How to run (from anywhere; needs ``wrk`` and ``taskset`` on PATH, the gateway in
     python bench/run.py            # the full run, about 2.5 minutes
     python bench/run.py --quick    # shorter measurements, about 40 s
 
-It prints a table and writes ``bench/results/latest.json`` (git-ignored). The run is one
-process tree: the system under test (the gateway, or the bare app) is pinned to CPU 0; the fake
-upstream (``python -m tests.fakeupstream``), wrk and the aiohttp client are pinned to CPU 1
+It prints a table and writes ``bench/results/latest.json`` (git-ignored). The run is one process
+tree: the system under test (the gateway, or the bare app) is pinned to CPU 0; the fake upstream
+(``python -m tests.support.fakeupstream``), wrk and the aiohttp client are pinned to CPU 1
 (docs/design.md §5). Ratios within one run are what hold; absolute figures depend on the machine.
-Every server is started on a free port, used only once it answers, and stopped on the way out,
-also on Ctrl-C or SIGTERM (and on SIGKILL via the kernel's parent-death signal). Run it on an
-otherwise quiet machine: it warns when the CPUs are busy before it starts, and flags figures
-during which something else ran.
+Every server is started on a free port, used only once it answers, and stopped on the way out, also
+on Ctrl-C or SIGTERM (and on SIGKILL via the kernel's parent-death signal). Run it on an otherwise
+quiet machine: it warns when the CPUs are busy before it starts, and flags figures during which
+something else ran.
 
 The gateway runs as users run it: ``gateway serve`` with the access log on (one JSON line per
 request, to a file here), in-process limits set high enough never to refuse, one key.
@@ -23,7 +23,9 @@ What each figure means:
    upstream (the reference), through the gateway, and the bare
    uvicorn app (``bench/bare_app.py``: the same response bytes sent by a bare ASGI app with the
    gateway's uvicorn settings, the Python ceiling). ``gateway / bare``: target >= 0.30. The full
-   run adds two rows, each with one thing off: the access log, and the limits.
+   run adds three rows, each with one thing changed: the access log off, the limits off, and
+   the limits kept in Redis (a local ``redis-server`` on CPU 1, with the load; two limiter calls
+   per request, admit and settle). ``bench/redis_clients.py`` compares Redis clients on that row.
    CPU columns, in percent of one core over the measurement: the system under test (SUT), the
    fake upstream, wrk, and per CPU "otherN": busy time on CPU N that none of them accounts for
    (anything else running on the machine: the report flags rows where it is large, as
@@ -52,19 +54,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -102,8 +107,14 @@ class Plan:
 
 FULL = Plan(seconds=10, warmup=2, paced_seconds=5.0, variants=True)
 QUICK = Plan(seconds=2, warmup=1, paced_seconds=1.5, variants=False)
-# One thing changed from the gateway as measured: (result name, access log, limits).
-VARIANTS = (("gateway_log_off", False, True), ("gateway_no_limits", True, False))
+# One thing changed from the gateway as measured: (result name, access log, where the limits
+# are kept: "local" in the process, "redis", or None for no limits).
+Limits = str | None
+VARIANTS: tuple[tuple[str, bool, Limits], ...] = (
+    ("gateway_log_off", False, "local"),
+    ("gateway_no_limits", True, None),
+    ("gateway_redis_limits", True, "redis"),
+)
 
 
 # --- plain HTTP for readiness and samples (no proxies from the environment) ------------------
@@ -165,7 +176,15 @@ def capture_sample(upstream: Server, path: Path) -> dict[str, int]:
     return {"body_bytes": len(body), "stream_bytes": len(stream), "stream_events": len(events)}
 
 
-def gateway_config(path: Path, upstream: Server, *, access_log: bool, limits: bool) -> None:
+def gateway_config(
+    path: Path,
+    upstream: Server,
+    *,
+    access_log: bool,
+    limits: Limits,
+    redis_url: str | None = None,
+) -> None:
+    """``limits``: "local" (in the process), "redis" (at ``redis_url``) or None."""
     from gateway.auth import hash_key
 
     config = {
@@ -177,11 +196,81 @@ def gateway_config(path: Path, upstream: Server, *, access_log: bool, limits: bo
         "allow_unlisted_models": True,
         "keys": [{"name": "bench", "hash": hash_key(KEY)}],
     }
-    if limits:  # in-process, high enough never to refuse: what they cost is measured
+    if limits is not None:  # high enough never to refuse: what they cost is measured
         config["limits"] = {
             "default": {"requests_per_minute": 10**9, "tokens_per_minute": 10**12},
         }
+    if limits == "redis":
+        if redis_url is None:
+            raise ValueError("limits in Redis need a redis_url")
+        config["redis"] = {"url": redis_url}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def start_gateway(
+    config: Path, name: str, work: Path, env: Mapping[str, str] | None = None
+) -> AbstractContextManager[Server]:
+    """``gateway serve`` as users run it, pinned to the SUT's CPU, ready once /readyz answers."""
+    port = free_port()
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return running(
+        name,
+        argv,
+        cpu=SUT_CPU,
+        port=port,
+        log=work / f"{name}.log",
+        ready=answers("/readyz"),
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def start_upstream(work: Path) -> AbstractContextManager[Server]:
+    """The fake upstream, on the load's CPU."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.support.fakeupstream", "--host", "127.0.0.1"]
+    argv += ["--port", str(port)]
+    return running(
+        "fake-upstream",
+        argv,
+        cpu=LOAD_CPU,
+        port=port,
+        log=work / "fake-upstream.log",
+        ready=answers(CHAT),
+        cwd=ROOT,
+    )
+
+
+def _redis_answers(server: Server) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def start_redis(work: Path) -> Iterator[Server]:
+    """A private ``redis-server`` (no persistence) on the load's CPU: the SUT's CPU stays the
+    gateway's alone, and Redis's share of the work shows in its own CPU column."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH: cannot measure limits in Redis")
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    argv += ["no", "--dir", str(work)]
+    with running(
+        "redis", argv, cpu=LOAD_CPU, port=port, log=work / "redis.log", ready=_redis_answers
+    ) as server:
+        yield server
+
+
+def limiter_stats(gateway: Server) -> dict[str, Any]:
+    """The limiter's counters from /readyz: a Redis figure only counts if nothing degraded."""
+    _, _, body = http(gateway.url("/readyz"))
+    limits: dict[str, Any] = json.loads(body).get("limits", {})
+    return limits
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -344,28 +433,13 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
     python = sys.executable
 
     def gateway(config: Path, name: str) -> AbstractContextManager[Server]:
-        port = free_port()
-        argv = [python, "-m", "gateway", "serve", "--config", str(config)]
-        argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        return running(
-            name, argv, cpu=SUT_CPU, port=port, log=work / f"{name}.log", ready=answers("/readyz")
-        )
+        return start_gateway(config, name, work)
 
-    port = free_port()
-    fake = [python, "-m", "tests.fakeupstream", "--host", "127.0.0.1", "--port", str(port)]
-    with running(
-        "fake-upstream",
-        fake,
-        cpu=LOAD_CPU,
-        port=port,
-        log=work / "fake-upstream.log",
-        ready=answers(CHAT),
-        cwd=ROOT,
-    ) as upstream:
+    with start_upstream(work) as upstream:
         results["sample"] = capture_sample(upstream, work / "sample.json")
         direct = upstream.url(CHAT)
         config = work / "gateway.yaml"
-        gateway_config(config, upstream, access_log=True, limits=True)
+        gateway_config(config, upstream, access_log=True, limits="local")
         nonstream, latency, streams = (
             results.setdefault("nonstream_c64", {}),
             results.setdefault("latency_c1", {}),
@@ -398,13 +472,22 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
             results["memory"]["idle_rss_after_mb"] = round(gw.memory_mb()["VmRSS"], 1)
         for name, access_log, limits in VARIANTS if plan.variants else ():
             variant = work / f"{name}.yaml"
-            gateway_config(variant, upstream, access_log=access_log, limits=limits)
-            with gateway(variant, name) as gw:
+            with contextlib.ExitStack() as stack:
+                cpu = {"upstream": upstream}
+                redis_url = None
+                if limits == "redis":
+                    redis = stack.enter_context(start_redis(work))
+                    cpu["redis"] = redis
+                    redis_url = f"redis://127.0.0.1:{redis.port}"
+                gateway_config(
+                    variant, upstream, access_log=access_log, limits=limits, redis_url=redis_url
+                )
+                gw = stack.enter_context(gateway(variant, name))
                 chat(gw.url(CHAT))
                 step(f"non-streaming, {name}")
-                nonstream[name] = rate(
-                    gw.url(CHAT), plan, {"sut": gw, "upstream": upstream}, NONSTREAM_64
-                )
+                nonstream[name] = rate(gw.url(CHAT), plan, {"sut": gw, **cpu}, NONSTREAM_64)
+                if limits == "redis":
+                    nonstream[name]["limiter"] = limiter_stats(gw)
         port = free_port()
         bare = [python, str(ROOT / "bench" / "bare_app.py"), "--port", str(port)]
         bare += ["--sample", str(work / "sample.json")]
@@ -512,6 +595,7 @@ def report(results: Results) -> str:
                         ("  gateway (access log, limits)", "gateway"),
                         ("  gateway, access log off", "gateway_log_off"),
                         ("  gateway, no limits", "gateway_no_limits"),
+                        ("  gateway, limits in Redis", "gateway_redis_limits"),
                         ("  bare uvicorn app", "bare"),
                     ],
                 ),
@@ -606,7 +690,7 @@ def notes(results: Results) -> list[str]:
     def pct(figures: Results, *names: str) -> float:
         return sum(float(figures.get(f"{name}_cpu_pct", 0.0)) for name in names)
 
-    other, load = f"other{SUT_CPU}", ("upstream", "client", f"other{LOAD_CPU}")
+    other, load = f"other{SUT_CPU}", ("upstream", "client", "redis", f"other{LOAD_CPU}")
     others = (other, f"other{LOAD_CPU}")
     disturbed = [
         f"{row} {pct(f, others[0]):.0f}% + {pct(f, others[1]):.0f}%"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from gateway.limits.buckets import Decision, Plan
+from gateway.limits.buckets import Bucket, Decision, Plan
 
 # closed: Redis decides; open: Redis is skipped (on_failure decides) until a probe is due;
 # half-open: one request is probing Redis, the others still fall back.
@@ -39,6 +40,11 @@ class Limiter(Protocol):
     async def settle(self, decision: Decision, actual_tokens: int | None) -> None:
         """Correct an admitted request's token buckets by ``actual - reserved`` tokens. ``None``
         (no usage was found) keeps the reservation. Never raises."""
+        ...
+
+    async def peek(self, buckets: Sequence[Bucket]) -> list[float | None]:
+        """Each bucket's level now, debiting nothing (the admin API); None where it cannot be
+        read (Redis failing)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.limits.buckets import BucketSet, Decision, Plan
+from gateway.limits.buckets import Bucket, BucketSet, Decision, Plan
 from gateway.limits.limiter import LimiterStats
 from gateway.limits.lua import NEVER_TTL_MS
 
@@ -43,6 +43,18 @@ class LocalLimiter:
 
     async def admit(self, plan: Plan) -> Decision:
         return self.admit_now(plan)
+
+    async def peek(self, buckets: Sequence[Bucket]) -> list[float | None]:
+        return list(self.levels(buckets))
+
+    def levels(self, buckets: Sequence[Bucket]) -> list[float]:
+        now = self._clock() * 1000.0
+        out: list[float] = []
+        for b in buckets:
+            state = self._buckets.get(b.key)
+            cap = float(b.capacity)
+            out.append(cap if state is None else _refill(state, now, cap, b.per_second / 1000.0))
+        return out
 
     def admit_now(self, plan: Plan, *, force: bool = False, degraded: bool = False) -> Decision:
         """Admit or refuse synchronously. ``force`` debits and admits even when short (the

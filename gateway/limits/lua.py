@@ -117,6 +117,19 @@ return n
 """
 )
 
+# ARGV: per bucket i: capacity, refill per ms. Reply: each bucket's level now, as a string (Lua
+# numbers become integers in replies), nothing debited. For the admin API, not the hot path.
+PEEK = (
+    _BUCKETS
+    + """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = tostring(level(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])))
+end
+return out
+"""
+)
+
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()  # noqa: S324
 
@@ -143,6 +156,15 @@ def settle_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
     args: list[str] = ["EVALSHA", SETTLE_SHA, str(len(token_buckets))]
     args += [b.key for b in token_buckets]
     for b in token_buckets:
+        args += [str(b.capacity), _rate(b)]
+    return tuple(args)
+
+
+def peek_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
+    """``EVAL`` of the level-reading script for these buckets."""
+    args: list[str] = ["EVAL", PEEK, str(len(buckets))]
+    args += [b.key for b in buckets]
+    for b in buckets:
         args += [str(b.capacity), _rate(b)]
     return tuple(args)
 

@@ -15,7 +15,9 @@ client (``redis://``, the usual case) a call times out only if its reply has not
 socket by the deadline (``gateway/limits/resp.py``); a gateway too busy to read a reply in time
 keeps waiting for it instead. redis-py's clients (Cluster, TLS, Unix sockets) hide their sockets,
 so there the verdict waits a few loop turns past the deadline, time for a reply that was already
-there to be read.
+there to be read. redis-py holds a connection per call in flight, up to ``REDIS_PY_CONNECTIONS``;
+a call beyond that waits for a free one first, and its timeout starts once it has one: a full
+pool is this process's queue, not Redis failing.
 
 **The breaker** opens after ``breaker_failures`` failures in a row, not on one, and then skips
 Redis for ``breaker_seconds``; then one request probes it (half-open) while the others keep
@@ -30,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -43,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import RedisSettings
 from gateway.limits import lua
-from gateway.limits.buckets import Decision, Plan
+from gateway.limits.buckets import Bucket, Decision, Plan
 from gateway.limits.limiter import BreakerState, Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
 from gateway.limits.resp import RECHECK_SECONDS, RespClient, lost_generation
@@ -57,6 +60,16 @@ _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 # Loop turns a redis-py call may run past its deadline: enough for a reply already in the socket
 # to be read (one turn), handed to the waiting task and parsed (the next).
 _GRACE_TURNS = 3
+# Benchmark-only (bench/redis_clients.py): "redis-py" makes redis:// use redis-py's client
+# instead of the lean one, so that one gateway build can be measured with either. Read once,
+# when the limiter is built; not a user setting.
+CLIENT_OVERRIDE_ENV = "GATEWAY_BENCH_REDIS_CLIENT"
+# redis-py's asyncio clients hold one connection per call in flight and fail the call outright
+# (``MaxConnectionsError``, a ``ConnectionError``) once their pool, 100 by default (per node for
+# Cluster), is in use. The limiter sizes the pool itself and lets no more calls than that reach
+# the client at once: the others wait their turn here, untimed, since that wait is this process's
+# queue, not Redis failing.
+REDIS_PY_CONNECTIONS = 100
 
 
 class Breaker:
@@ -171,10 +184,16 @@ class RedisLimiter:
         # failed were in flight with that one and say nothing more about Redis.
         self._counted_loss: int | None = None
         self._evalsha = True  # False once a proxy in front of Redis refused EVALSHA
+        # Calls admitted to a redis-py client at once (REDIS_PY_CONNECTIONS).
+        self._slots = asyncio.Semaphore(REDIS_PY_CONNECTIONS)
         # redis-py's cluster client initializes lazily, and commands racing that first
         # initialization fail (connections are swapped under them): do it once, first.
         self._cluster = client if isinstance(client, RedisCluster) else None
         self._cluster_lock = asyncio.Lock()
+
+    @property
+    def client(self) -> RedisClient:
+        return self._client
 
     @property
     def local(self) -> LocalLimiter:
@@ -231,6 +250,20 @@ class RedisLimiter:
         self._breaker.succeeded()
         self._local.settle_now(plan, delta)  # keep the fallback's copy in step
 
+    async def peek(self, buckets: Sequence[Bucket]) -> list[float | None]:
+        """The levels in Redis; while Redis is skipped or failing, the local fallback's copy
+        (what a degraded decision would start from)."""
+        if not buckets:
+            return []
+        if self._breaker.state == "closed":
+            try:
+                reply = await self._execute(lua.peek_command(buckets))
+            except _FAILURES as exc:
+                self._failed(exc)
+            else:
+                return [float(level) for level in reply]
+        return list(self._local.levels(buckets))
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -253,19 +286,20 @@ class RedisLimiter:
             return await resp.call(args, self._timeout)
         task = asyncio.current_task()
         assert task is not None
-        deadline = _GraceTimeout(task, self._timeout)
-        try:
-            if self._cluster is not None:
-                await self._initialize_cluster()
-            return await self._client.execute_command(*args)
-        except asyncio.CancelledError:
-            if deadline.fired and task.uncancel() == 0:
-                raise RedisTimeoutError(
-                    f"Redis did not answer within {self._timeout * 1000:g} ms"
-                ) from None
-            raise
-        finally:
-            deadline.cancel()
+        async with self._slots:  # a free connection first; the timeout starts once there is one
+            deadline = _GraceTimeout(task, self._timeout)
+            try:
+                if self._cluster is not None:
+                    await self._initialize_cluster()
+                return await self._client.execute_command(*args)
+            except asyncio.CancelledError:
+                if deadline.fired and task.uncancel() == 0:
+                    raise RedisTimeoutError(
+                        f"Redis did not answer within {self._timeout * 1000:g} ms"
+                    ) from None
+                raise
+            finally:
+                deadline.cancel()
 
     async def _initialize_cluster(self) -> None:
         async with self._cluster_lock:
@@ -326,12 +360,14 @@ def build_limiter(
         "socket_timeout": backstop,
         "socket_connect_timeout": backstop,
         "retry": Retry(NoBackoff(), 1),
+        "max_connections": REDIS_PY_CONNECTIONS,
     }
     client: RedisClient
     if settings.cluster:
         client = RedisCluster.from_url(settings.url, **options)
-    elif settings.url.startswith("redis://"):
-        # The lean client (gateway/limits/resp.py): ~90 µs of CPU less per call, measured.
+    elif settings.url.startswith("redis://") and os.environ.get(CLIENT_OVERRIDE_ENV) != "redis-py":
+        # The lean client (gateway/limits/resp.py): measured faster end to end (the README's
+        # Benchmark section, bench/redis_clients.py).
         client = RespClient(settings.url)
     else:  # rediss:// (TLS) and unix:// stay with redis-py
         client = Redis.from_url(settings.url, **options)

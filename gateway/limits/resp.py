@@ -1,11 +1,12 @@
 """A lean Redis client for the limiter's hot path: RESP2 over one pipelined connection.
 
-Chosen by measurement: redis-py's asyncio client spent ~90 µs of CPU per call here, and a
-request makes two (admit, settle), so Redis-backed limits halved the gateway's throughput. The
-limiter needs one thing, "send this command, give me the reply", so this client packs the
-command itself, writes it on one shared connection, and lets hiredis (the parser redis-py uses)
-split the replies, which Redis sends in request order (RESP pipelining), so one FIFO of futures
-matches them up.
+Chosen by measurement, and kept by it (``bench/redis_clients.py``; figures in the README's
+Benchmark section): with limits in Redis, the same gateway serves 1.4-2.3x the requests per
+second with this client as with redis-py's asyncio client, which spends a few hundred µs more
+CPU per request (two calls: admit, settle). The limiter needs one thing, "send this command,
+give me the reply", so this client packs the command itself, writes it on one shared
+connection, and lets hiredis (the parser redis-py uses) split the replies, which Redis sends in
+request order (RESP pipelining), so one FIFO of futures matches them up.
 
 **Timeouts measure Redis, not the event loop.** A plain ``asyncio.timeout`` fires when the loop
 gets round to its timer; a gateway busy with a burst of requests (or short of CPU) gets there
@@ -23,6 +24,12 @@ Service IP now pointing elsewhere), reusing the socket would time out every call
 kernel gave up, about 15 minutes. Keepalive and, on Linux, ``TCP_USER_TIMEOUT`` catch an idle or
 stuck socket in seconds too. Every call failed by one lost connection carries its generation
 (``lost_generation``), so the limiter's breaker counts the loss once, not once per call.
+
+**No socket outlives its use.** A connection whose setup fails (AUTH refused, SELECT out of
+range) is closed before the error reaches its callers; a socket given up while connecting is
+closed at once. An attempt whose callers have all stopped waiting (their deadlines) runs on for
+the calls that come next, since a slow handshake or a retransmitted SYN may still complete it,
+but for ``CONNECT_BACKSTOP_SECONDS`` at most; ``aclose`` ends it at once.
 
 It speaks to a single Redis (``redis://``, optional user, password and database). Redis
 Cluster, TLS and Unix sockets use redis-py (``build_limiter`` picks). Errors are redis-py's
@@ -46,8 +53,8 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Args = tuple[str | int | bytes, ...]
@@ -95,10 +102,14 @@ def pack(args: Args) -> bytes:
     return b"".join(out)
 
 
-def _error(reply: hiredis.ReplyError) -> ResponseError:
+def _error(reply: hiredis.ReplyError) -> ResponseError | AuthenticationError:
+    """The exception redis-py raises for this error reply (its parser's table, for the replies
+    the limiter can get): ``/readyz``'s ``last_error`` names the same type with either client."""
     message = str(reply)
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
+    if message.startswith(("WRONGPASS", "NOAUTH")):
+        return AuthenticationError(message)
     return ResponseError(message)
 
 

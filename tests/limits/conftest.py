@@ -1,17 +1,21 @@
 """Fixtures: a private redis-server per test (never the shared one), and clients for it.
 
 ``RedisServer`` can be stopped and started again on the same port, which the failure tests use
-to show the breaker and the recovery.
+to show the breaker and the recovery. It can also listen on a Unix socket and for TLS, so that
+every client the gateway builds (``build_limiter``) can be run against a real server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,15 @@ from redis.asyncio import Redis
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli")
+OPENSSL = shutil.which("openssl")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
+
+    cert: Path
+    key: Path
 
 
 def free_port() -> int:
@@ -57,21 +70,54 @@ def _ask(port: int, command: bytes) -> bytes:
 
 
 def _ping(port: int) -> bool:
-    return _ask(port, b"PING").startswith(b"+PONG")
+    """Whether a Redis answers on ``port``: PONG, or NOAUTH from one that wants a password."""
+    return _ask(port, b"PING").startswith((b"+PONG", b"-NOAUTH"))
 
 
 class RedisServer:
-    """A redis-server of our own in a temporary directory, without persistence."""
+    """A redis-server of our own in a temporary directory, without persistence. It always
+    listens on ``port`` (plain TCP, which ``start`` pings); with ``unix_socket`` on that path
+    too, and with ``tls`` for TLS on ``tls_port``."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *extra: str,
+        unix_socket: Path | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port if port is not None else free_port()
         self.extra = extra
+        self.unix_socket = unix_socket
+        self.tls = tls
+        self.tls_port = free_port() if tls is not None else None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        assert self.unix_socket is not None
+        return f"unix://{self.unix_socket}"
+
+    @property
+    def tls_url(self) -> str:
+        assert self.tls is not None
+        return f"rediss://127.0.0.1:{self.tls_port}?ssl_ca_certs={self.tls.cert}"
+
+    def _listeners(self) -> list[str]:
+        args = []
+        if self.unix_socket is not None:
+            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.tls is not None:
+            args += ["--tls-port", str(self.tls_port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            args += ["--tls-ca-cert-file", str(self.tls.cert)]
+        return args
 
     def start(self, timeout: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +134,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self._listeners(),
                 *self.extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -130,14 +177,60 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A certificate for 127.0.0.1 that signs itself: the server's, and the CA clients trust."""
+    if OPENSSL is None:
+        pytest.skip("openssl is not installed: cannot make a certificate for TLS")
+    base = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(cert=base / "cert.pem", key=base / "key.pem")
+    subprocess.run(
+        [
+            OPENSSL,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-keyout",
+            str(files.key),
+            "-out",
+            str(files.cert),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
+    return files
+
+
 @pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket's path must fit in 108 bytes, which a test's
+    ``tmp_path`` may not."""
+    with tempfile.TemporaryDirectory(prefix="rl-") as name:
+        yield Path(name)
+
+
+@contextlib.contextmanager
+def running_cluster(base: Path) -> Iterator[list[RedisServer]]:
     """Three masters, no replicas, all slots assigned: ``cluster_state:ok``."""
     if REDIS_CLI is None:
         pytest.skip("redis-cli is not installed: cannot create a Redis Cluster")
     nodes = [
         RedisServer(
-            tmp_path / f"node{i}",
+            base / f"node{i}",
             free_cluster_port(),
             "--cluster-enabled",
             "yes",
@@ -175,3 +268,25 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    """A cluster of this test's own."""
+    with running_cluster(tmp_path) as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """One cluster for the session (it takes seconds to form): use ``flushed_redis_cluster``."""
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def flushed_redis_cluster(shared_redis_cluster: list[RedisServer]) -> list[RedisServer]:
+    """The session's cluster, emptied of the previous test's keys."""
+    for node in shared_redis_cluster:
+        assert _ask(node.port, b"FLUSHALL").startswith(b"+OK")
+    return shared_redis_cluster

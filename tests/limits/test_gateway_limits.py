@@ -32,6 +32,7 @@ from redis.cluster import RedisCluster
 from gateway.auth import hash_key
 from gateway.openai.tokens import estimate_tokens
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
+from tests.support.admin import admin_get
 from tests.support.fakeupstream import STANDARD_PROMPT, FakeUpstream
 from tests.support.gatewayproc import GatewayProcess
 
@@ -188,8 +189,9 @@ def access_statuses(gateway: GatewayProcess, key: Key, count: int) -> list[int]:
         time.sleep(0.02)
 
 
-def readyz_limits(gateway: GatewayProcess) -> dict[str, Any]:
-    body: dict[str, dict[str, Any]] = httpx.get(gateway.url + "/readyz").json()
+def limits_state(gateway: GatewayProcess) -> dict[str, Any]:
+    """The limiter's state as the admin API shows it (``/readyz`` carries no values)."""
+    body: dict[str, dict[str, Any]] = admin_get(gateway.url, "health")
     return body["limits"]
 
 
@@ -532,7 +534,7 @@ def test_redis_limits_and_token_settlements_are_shared_by_gateways_under_hashed_
         assert remaining(second.headers, "tokens") == 100_000 - used - reserved
 
         for gateway in (a, b):
-            assert readyz_limits(gateway) == {
+            assert limits_state(gateway) == {
                 "store": "redis",
                 "degraded_decisions": 0,
                 "redis_errors": 0,
@@ -574,7 +576,7 @@ def test_redis_down_with_on_failure_closed_refuses_with_503_fast_and_recovers(
             }
         assert max(timings[1:]) < LATENCY_BUDGET, timings
         assert reached_upstream(upstream, marker) == 1  # a refusal never reaches it
-        degraded = readyz_limits(gateway)
+        degraded = limits_state(gateway)
         assert degraded["degraded_decisions"] >= 8
         assert degraded["redis_errors"] >= 3  # breaker_failures: 3 in a row open the breaker
         assert degraded["breaker"] == "open"
@@ -591,7 +593,7 @@ def test_redis_down_with_on_failure_closed_refuses_with_503_fast_and_recovers(
         assert remaining(chat(client, gateway, SHARED, marker).headers, "requests") == 1
         assert remaining(chat(client, gateway, SHARED, marker).headers, "requests") == 0
         assert_rate_limit_error(chat(client, gateway, SHARED, marker), "requests")
-        assert readyz_limits(gateway)["breaker"] == "closed"
+        assert limits_state(gateway)["breaker"] == "closed"
     assert reached_upstream(upstream, marker) == 4
 
 
@@ -615,7 +617,7 @@ def test_redis_down_with_on_failure_open_admits_everything_fast_and_recovers(
             assert response.status_code == 200, response.text
         assert max(timings[1:]) < LATENCY_BUDGET, timings
         assert reached_upstream(upstream, marker) == 3 + 8
-        assert readyz_limits(gateway)["degraded_decisions"] >= 8
+        assert limits_state(gateway)["degraded_decisions"] >= 8
 
         redis_server.start()
         # 'open' never refuses on its own: a 429 means Redis counts again.
@@ -656,7 +658,7 @@ def test_redis_down_with_on_failure_local_enforces_per_process_buckets_then_shar
             assert statuses[0::2] == [429] * 5
             assert statuses[1::2] == [200, 200, 200, 429, 429]
             assert max(timings[1:]) < LATENCY_BUDGET, timings
-            assert readyz_limits(gateway)["degraded_decisions"] >= 10
+            assert limits_state(gateway)["degraded_decisions"] >= 10
         assert reached_upstream(upstream, marker) == 3 + 3 + 3
 
         redis_server.start()
@@ -687,7 +689,7 @@ def test_a_hung_redis_costs_a_few_timeouts_then_nothing_while_the_breaker_is_ope
         # spares the others.
         assert all(0.04 <= t < 0.5 for t in timings[:3]), timings
         assert max(timings[3:]) < LATENCY_BUDGET, timings
-        limits = readyz_limits(gateway)
+        limits = limits_state(gateway)
         assert limits["redis_errors"] >= 3
         assert limits["last_error"]["type"] == "TimeoutError"
 
@@ -708,7 +710,7 @@ def test_a_gateway_on_a_redis_cluster_enforces_a_request_limit_exactly(
     gateways = [GatewayProcess(config, env=ENV) for _ in range(2)]
     with running(*gateways):
         statuses = [chat(client, gateways[i % 2], CLUSTERED, marker).status_code for i in range(8)]
-        assert [readyz_limits(g)["degraded_decisions"] for g in gateways] == [0, 0]
+        assert [limits_state(g)["degraded_decisions"] for g in gateways] == [0, 0]
     assert statuses == [200] * 5 + [429] * 3
     assert reached_upstream(upstream, marker) == 5
     bucket = f"rl:{{k:{CLUSTERED.redis_id}}}:rpm"

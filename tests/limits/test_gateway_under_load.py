@@ -37,9 +37,9 @@ from .test_gateway_limits import (
     MESSAGES,
     Key,
     limits_config,
+    limits_state,
     new_marker,
     reached_upstream,
-    readyz_limits,
     redis_section,
     running,
 )
@@ -125,7 +125,7 @@ def test_busy_gateways_admit_exactly_the_limit_and_never_blame_a_healthy_redis(
             this = asyncio.run(burst(gateways, key, marker))
             rounds.append(this)
             assert reached_upstream(upstream, marker) == this.admitted
-        health = [readyz_limits(gateway) for gateway in gateways]
+        health = [limits_state(gateway) for gateway in gateways]
 
     summary = [(r.admitted, r.statuses.count(429), round(r.seconds, 2)) for r in rounds]
     for this in rounds:

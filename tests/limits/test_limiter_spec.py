@@ -1,27 +1,94 @@
-"""One specification, run against the Redis limiter and the local one: same semantics."""
+"""One specification, run against every limiter the gateway builds: same semantics.
+
+``build_limiter`` picks the client from the settings, so the specification runs through it,
+once per client it can pick: the lean client (``gateway/limits/resp.py``) for ``redis://``,
+redis-py's ``Redis`` for ``unix://`` and ``rediss://`` (and for ``redis://`` when the benchmark
+asks for it), ``RedisCluster`` for ``cluster: true``, and the local limiter without a URL.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from gateway.config.model import LimitsSection
-from gateway.limits import Limiter, LocalLimiter, Planner, RedisLimiter
+from gateway.config.model import LimitsSection, RedisSettings
+from gateway.limits import Limiter, LocalLimiter, Planner, RedisLimiter, build_limiter
+from gateway.limits.redis_limiter import CLIENT_OVERRIDE_ENV
+from gateway.limits.resp import RespClient
 
-from .conftest import RedisServer
+from .conftest import RedisServer, TlsFiles
 from .factories import limits, make_key, plan_for
 
+# Generous: the specification is about decisions, not latency (tests/limits/test_redis_timeouts.py
+# is about latency), and must hold on a busy machine, where a hundred concurrent calls through
+# redis-py over TLS open a hundred connections, each handshake inside its call's timeout: seconds
+# in all on a loaded two-core machine.
+TIMEOUT_MS = 30_000
 
-@pytest.fixture(params=["redis", "local"])
+
+def _server(
+    request: pytest.FixtureRequest,
+    *,
+    unix_socket: Path | None = None,
+    tls: TlsFiles | None = None,
+) -> RedisServer:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
+    server = RedisServer(tmp_path / "redis", unix_socket=unix_socket, tls=tls)
+    server.start()
+    request.addfinalizer(server.stop)
+    return server
+
+
+def _redis_lean(request: pytest.FixtureRequest) -> tuple[RedisSettings, type]:
+    return RedisSettings(url=_server(request).url, timeout_ms=TIMEOUT_MS), RespClient
+
+
+def _redis_redis_py(request: pytest.FixtureRequest) -> tuple[RedisSettings, type]:
+    request.getfixturevalue("monkeypatch").setenv(CLIENT_OVERRIDE_ENV, "redis-py")
+    return RedisSettings(url=_server(request).url, timeout_ms=TIMEOUT_MS), Redis
+
+
+def _unix(request: pytest.FixtureRequest) -> tuple[RedisSettings, type]:
+    path = request.getfixturevalue("short_dir") / "redis.sock"
+    url = _server(request, unix_socket=path).unix_url
+    return RedisSettings(url=url, timeout_ms=TIMEOUT_MS), Redis
+
+
+def _rediss(request: pytest.FixtureRequest) -> tuple[RedisSettings, type]:
+    url = _server(request, tls=request.getfixturevalue("tls_files")).tls_url
+    return RedisSettings(url=url, timeout_ms=TIMEOUT_MS), Redis
+
+
+def _cluster(request: pytest.FixtureRequest) -> tuple[RedisSettings, type]:
+    nodes: list[RedisServer] = request.getfixturevalue("flushed_redis_cluster")
+    return RedisSettings(url=nodes[0].url, cluster=True, timeout_ms=TIMEOUT_MS), RedisCluster
+
+
+CLIENTS: dict[str, Callable[[pytest.FixtureRequest], tuple[RedisSettings, type]]] = {
+    "redis-lean": _redis_lean,
+    "redis-redis-py": _redis_redis_py,
+    "unix-redis-py": _unix,
+    "rediss-redis-py": _rediss,
+    "cluster-redis-py": _cluster,
+}
+
+
+@pytest.fixture(params=["local", *CLIENTS])
 async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Limiter]:
     if request.param == "local":
-        yield LocalLimiter()
+        local = build_limiter(RedisSettings())
+        assert isinstance(local, LocalLimiter)
+        yield local
         return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis_limiter = RedisLimiter(Redis.from_url(server.url), timeout=1.0)
+    settings, client_type = CLIENTS[request.param](request)
+    redis_limiter = build_limiter(settings)
+    assert isinstance(redis_limiter, RedisLimiter)
+    assert type(redis_limiter.client) is client_type  # the client this parameter stands for
     try:
         yield redis_limiter
     finally:
@@ -45,6 +112,16 @@ async def test_concurrent_admissions_admit_exactly_the_capacity(limiter: Limiter
     plan = plan_for(make_key("demo", limits=limits(1, request_burst=25)))
     decisions = await asyncio.gather(*(limiter.admit(plan) for _ in range(100)))
     assert sum(d.allowed for d in decisions) == 25
+
+
+async def test_more_concurrent_admissions_than_a_connection_pool_holds_are_all_decided(
+    limiter: Limiter,
+) -> None:
+    # redis-py's pools hold 100 connections (per node): a gateway has more requests in flight.
+    plan = plan_for(make_key("demo", limits=limits(1, request_burst=250)))
+    decisions = await asyncio.gather(*(limiter.admit(plan) for _ in range(400)))
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 250
 
 
 async def test_all_buckets_debited_or_none(limiter: Limiter) -> None:
