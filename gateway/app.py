@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
+import time
+from typing import Any, TextIO
 
 import orjson
 from starlette.requests import Request
@@ -20,15 +23,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from gateway import errors
+from gateway.auth import AdminKeys
 from gateway.config.checks import RESERVED_PATHS
 from gateway.config.model import GatewayConfig
+from gateway.context import context_of
+from gateway.endpoints import health
+from gateway.endpoints.admin import PREFIX as ADMIN_PREFIX
+from gateway.endpoints.admin import AdminApi, redact
 from gateway.endpoints.openapi import openapi_document
 from gateway.http.body import BodyBudget
 from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.limits import Limiter, LimiterStats, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.observability.access_log import AccessLog, BufferedLines
-from gateway.pipeline.lifecycle import Lifecycle
+from gateway.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.observability.metrics import Metrics, multiprocess_directory
+from gateway.observability.recent import RecentActivity
+from gateway.observability.workers import WorkerBoard
+from gateway.pipeline.lifecycle import Lifecycle, Observer
 from gateway.pipeline.proxy import Proxy
 from gateway.reload import ConfigReloader
 from gateway.runtime import Runtime, build_runtime, build_tables, retired_clients
@@ -46,9 +58,14 @@ CLIENTS: dict[str, ClientFactory] = {"http1": Http1Client, "aiohttp": AiohttpCli
 # How long a pool the new config no longer uses stays open for the requests still on it.
 RETIRE_AFTER_SECONDS = 900.0
 
+# Liveness and readiness, under the names Kubernetes examples use and those some platforms probe.
+LIVE_PATHS = ("/healthz", "/health", "/live")
+READY_PATHS = ("/readyz", "/ready")
 # The gateway's own endpoints; the config loader refuses routes on these (RESERVED_PATHS).
-OWN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+OWN_PATHS = frozenset({*LIVE_PATHS, *READY_PATHS, "/openapi.json", "/metrics"})
 assert OWN_PATHS <= RESERVED_PATHS
+# How long POST /admin/reload waits for every worker to report its reload.
+RELOAD_WAIT_SECONDS = 10.0
 
 
 class Gateway:
@@ -61,6 +78,7 @@ class Gateway:
         client_factory: ClientFactory | None = None,
         root_path: str | None = None,
         config_files: tuple[str, ...] = (),
+        access_stream: TextIO | None = None,
     ) -> None:
         # The config the app starts with; after a reload the current one is the runtime's.
         self._startup_config = config
@@ -69,7 +87,7 @@ class Gateway:
         # Read by the connection protocol (gateway/server/protocol.py) for each connection.
         self.connection_settings = config.server.connections
         self.connection_stats = ConnectionStats()
-        self.access_lines = BufferedLines(sys.stderr)
+        self.access_lines = BufferedLines(sys.stderr if access_stream is None else access_stream)
         self._runtime: Runtime | None = None
         self._config_files = config_files
         self.reloader: ConfigReloader | None = None
@@ -80,12 +98,32 @@ class Gateway:
         self.body_budget = BodyBudget(
             config.server.max_buffered_body_bytes, config.server.body_buffer_wait
         )
-        self._proxy = Proxy(self.runtime, self.concurrency, self.body_budget)
+        self.started_at = time.time()
+        self.config_loaded_at: float | None = None
+        self.recent = RecentActivity()
+        self.workers = WorkerBoard.from_environment()
+        self.metrics: Metrics | None = None
+        if config.metrics.enabled:
+            self.metrics = Metrics(multiprocess_dir=multiprocess_directory())
+            self.metrics.watch_models(self._known_models)
+        self._metrics_need_admin = config.metrics.require_admin_key
+        self._admin = AdminApi(self)
+        self._proxy = Proxy(
+            self.runtime,
+            self.concurrency,
+            self.body_budget,
+            self.metrics,
+            read_usage=self.metrics is not None,
+        )
+        # Set by the server on SIGTERM (gateway/server/runner.py): /readyz answers 503 from then
+        # on, so load balancers stop sending new requests before the listening socket closes.
+        self.draining = False
         self._own = Router(
             routes=[
-                Route("/healthz", self._healthz, methods=["GET", "HEAD"]),
-                Route("/readyz", self._readyz, methods=["GET", "HEAD"]),
+                *(Route(path, self._healthz, methods=["GET", "HEAD"]) for path in LIVE_PATHS),
+                *(Route(path, self._readyz, methods=["GET", "HEAD"]) for path in READY_PATHS),
                 Route("/openapi.json", self._openapi, methods=["GET", "HEAD"]),
+                Route("/metrics", self._metrics, methods=["GET", "HEAD"]),
             ],
             redirect_slashes=False,
             default=self._not_found,
@@ -98,8 +136,35 @@ class Gateway:
                 root_path=server.root_path if root_path is None else root_path,
                 stats=self.forwarded_stats,
             ),
-            observers=[AccessLog(self.access_lines.write)] if server.access_log else [],
+            observers=self._observers(config),
         )
+
+    def _observers(self, config: GatewayConfig) -> list[Observer]:
+        observers: list[Observer] = [self.recent]
+        if self.metrics is not None:
+            observers.append(self.metrics)
+        if config.server.access_log:
+            observers.append(AccessLog(self.access_lines.write))
+        return observers
+
+    def _known_models(self) -> frozenset[str]:
+        runtime = self._runtime
+        return runtime.known_models if runtime is not None else frozenset()
+
+    def current_runtime(self) -> Runtime | None:
+        return self._runtime
+
+    def admin_keys(self) -> AdminKeys:
+        runtime = self._runtime
+        if runtime is None:
+            return AdminKeys({})
+        return runtime.admin_keys
+
+    def begin_drain(self) -> None:
+        """From now on /readyz says 503 ``draining``; requests are still served."""
+        if not self.draining:
+            logger.info("draining: /readyz now answers 503")
+        self.draining = True
 
     def runtime(self) -> Runtime:
         runtime = self._runtime
@@ -122,7 +187,13 @@ class Gateway:
         root_path: str = scope.get("root_path", "")
         path: str = scope["path"]
         relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
-        if relative in OWN_PATHS:
+        if relative.startswith(ADMIN_PREFIX) or relative in OWN_PATHS:
+            context = context_of(scope)
+            if context is not None:
+                context.own = True
+        if relative.startswith(ADMIN_PREFIX):
+            await self._admin(scope, receive, send, relative)
+        elif relative in OWN_PATHS:
             if scope["method"] not in ("GET", "HEAD"):
                 # Starlette's own 405 is plain text; every gateway error has OpenAI's shape.
                 await errors.method_not_allowed(scope["method"], relative, ("GET", "HEAD")).send(
@@ -156,14 +227,17 @@ class Gateway:
         config = self._startup_config
         self.limiter = build_limiter(config.redis, stats=self.limiter_stats)
         self._runtime = build_runtime(config, self.client_factory, self.limiter)
+        self.config_loaded_at = time.time()
         if self._config_files:
             self.reloader = ConfigReloader(
                 self._config_files[0],
                 self._config_files,
                 self.apply,
                 interval=config.server.reload_interval,
+                on_attempt=self._publish,
             )
             self.reloader.start()
+        self._publish()
 
     async def shutdown(self) -> None:
         if self.reloader is not None:
@@ -186,6 +260,7 @@ class Gateway:
         tables = await asyncio.to_thread(build_tables, config, previous)
         current = build_runtime(config, self.client_factory, previous.limiter, previous, tables)
         self._runtime = current
+        self.config_loaded_at = time.time()
         retired = retired_clients(previous, current)
         if retired:
             task = asyncio.ensure_future(self._retire(retired))
@@ -208,60 +283,104 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def _readyz(self, request: Request) -> Response:
-        runtime = self._runtime
-        if runtime is None:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        body: dict[str, object] = {
-            "status": "ready",
-            # Which process answered: with --workers N each has its own config generation.
-            "pid": os.getpid(),
-            "routes": len(runtime.routes.endpoints),
-            "upstreams": len(runtime.upstreams),
-            "keys": len(runtime.keys),
-        }
+        status, word = health.readiness(self)
+        return JSONResponse({"status": word}, status_code=status)
+
+    async def _metrics(self, request: Request) -> Response:
+        metrics = self.metrics
+        if metrics is None:
+            return await self._missing(request)
+        if (
+            self._metrics_need_admin
+            and self.admin_keys().identify(request.scope["headers"]) is None
+        ):
+            return await self._missing(request)
+        metrics.limiter_state(self.limiter_stats)
         if self.reloader is not None:
-            # Anyone may call /readyz, so counts and times only: a refused reload's text names
-            # the config files and may quote their values. It is in the log (and kept in
-            # ReloadStatus.last_error) for those who may read it.
-            status = self.reloader.status
-            body["config"] = {
-                "generation": status.generation,
-                "reload_failures": status.failures,
-                "last_reload_failed": status.last_error is not None,
-                "last_reload_at": status.last_reload_at,
-            }
-        stats = self.limiter_stats
-        body["limits"] = {
-            "store": "redis" if runtime.config.redis.url else "local (per process)",
-            "degraded_decisions": stats.degraded,
-            "redis_errors": stats.redis_errors,
-            # closed, open or half-open; and the last failure's class and Unix time only: its
-            # text may name hosts, and anyone may call /readyz.
-            "breaker": stats.breaker if runtime.config.redis.url else None,
-            "last_error": (
-                None
-                if stats.last_error is None
-                else {"type": stats.last_error, "at": stats.last_error_at}
-            ),
+            metrics.reload_state(self.reloader.status)
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @staticmethod
+    async def _missing(request: Request) -> Response:
+        refusal = errors.unknown_route(request.method, request.url.path)
+        return Response(refusal.body(), refusal.status, media_type="application/json")
+
+    # -- what the admin API reads and does ---------------------------------------------------
+
+    def health_detail(self) -> dict[str, Any]:
+        return health.health_detail(self)
+
+    def _record(self) -> dict[str, Any]:
+        """This worker's entry on the worker board."""
+        status = self.reloader.status if self.reloader is not None else None
+        record: dict[str, Any] = {
+            "generation": status.generation if status is not None else 1,
+            "loaded_at": self.config_loaded_at,
+            "started_at": self.started_at,
+            "draining": self.draining,
+            "breaker": self.limiter_stats.breaker,
         }
-        body["connections"] = self.connection_stats.as_dict()
-        bodies = self.body_budget
-        body["request_bodies"] = {
-            "held_bytes": bodies.capacity - bodies.available,
-            "capacity_bytes": bodies.capacity,
+        if status is not None:
+            record.update(
+                last_reload_at=status.last_reload_at,
+                last_attempt_at=status.last_attempt_at,
+                reload_failures=status.failures,
+                last_error=status.last_error,
+                last_error_at=status.last_error_at,
+            )
+        return record
+
+    def _publish(self) -> None:
+        self.workers.publish(self._record())
+        if self.metrics is not None and self.reloader is not None:
+            self.metrics.reload_state(self.reloader.status)
+
+    def config_status(self, *, redact_with: tuple[bytes, ...] = ()) -> dict[str, Any]:
+        workers = [_redacted(record, redact_with) for record in self.workers.records()]
+        own = _redacted(self._record(), redact_with)
+        return {
+            "pid": os.getpid(),
+            "files": list(self._config_files),
+            **own,
+            "workers": workers,
         }
-        # Forwarded headers that were ignored: malformed values, or sent by a peer outside
-        # trusted_proxies (a spoofing attempt, or a proxy missing from the list).
-        forwarded = self.forwarded_stats
-        body["forwarded_headers_ignored"] = {
-            "malformed": dict(forwarded.malformed),
-            "untrusted_peer": forwarded.untrusted,
-        }
-        return JSONResponse(body)
+
+    async def reload_everywhere(
+        self, asked_at: float, *, redact_with: tuple[bytes, ...] = ()
+    ) -> dict[str, Any]:
+        """Reload in this process, or with several workers, in every one (the supervisor passes
+        SIGHUP on to each); then say what each worker did, or that it did not answer."""
+        if self.reloader is None:
+            return {"reloaded": False, "reason": "the config was not read from a file"}
+        if not self.workers.shared:
+            ok = await self.reloader.reload()
+            return {"reloaded": ok, "workers": [_redacted(self._record(), redact_with)]}
+        before = {record["pid"] for record in self.workers.records()}
+        os.kill(os.getppid(), signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_WAIT_SECONDS
+        while True:
+            records = self.workers.records()
+            done = [r for r in records if (r.get("last_attempt_at") or 0) >= asked_at]
+            if len(done) >= len(before) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        reached = {record["pid"] for record in done}
+        results = [
+            {**_redacted(record, redact_with), "reached": record["pid"] in reached}
+            for record in records
+        ]
+        ok = all(r["reached"] and r.get("last_error") is None for r in results)
+        return {"reloaded": ok, "workers": results}
 
     async def _openapi(self, request: Request) -> Response:
         document = openapi_document(self.runtime().routes, request.scope.get("root_path", ""))
         return Response(orjson.dumps(document), media_type="application/json")
+
+
+def _redacted(record: dict[str, Any], secrets: tuple[bytes, ...]) -> dict[str, Any]:
+    if record.get("last_error") is None:
+        return record
+    return {**record, "last_error": redact(record["last_error"], secrets)}
 
 
 def app_from_environment() -> Gateway:

@@ -7,15 +7,17 @@ the key itself, and the principal carries only the key's name and an id derived 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import hashlib
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway import errors
-from gateway.config.model import ApiKey
+from gateway.config.model import AdminKey, ApiKey
 from gateway.types import RawHeaders
 
 KEY_PREFIX = "sk-gw-"
@@ -101,6 +103,10 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._by_hash)
 
+    def knows(self, key: str) -> bool:
+        """Whether ``key`` is one of the configured client keys."""
+        return hashlib.sha256(key.encode("utf-8")).hexdigest() in self._by_hash
+
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)
         if key is None:
@@ -109,3 +115,38 @@ class KeyRing:
         if principal is None:
             raise errors.invalid_key()
         return principal
+
+
+@dataclass(frozen=True, slots=True)
+class AdminKeys:
+    """The admin keys' SHA-256 digests, by digest -> name."""
+
+    names: Mapping[str, str]
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def identify(self, headers: RawHeaders) -> str | None:
+        """The admin key's name, or None."""
+        key = presented_key(headers) or basic_password(headers)
+        if key is None:
+            return None
+        return self.names.get(hashlib.sha256(key.encode("utf-8")).hexdigest())
+
+
+def basic_password(headers: RawHeaders) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "basic":
+                return None
+            try:
+                decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2] or None
+    return None
+
+
+def admin_keys(keys: Iterable[AdminKey]) -> AdminKeys:
+    return AdminKeys({key.hash.removeprefix("sha256:"): key.name for key in keys})

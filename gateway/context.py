@@ -39,15 +39,25 @@ class RequestContext:
     model: str | None = None  # as the client named it
     upstream_model: str | None = None  # as the upstream was asked for it, when renamed
     upstream: str | None = None
+    # One of the gateway's own endpoints (health, metrics, admin): not API traffic.
+    own: bool = False
     # The limit decision: "allowed", "refused", "degraded" (Redis failed, a fallback decided),
-    # or None when no limit applies to the request.
+    # or None when no limit applies to the request; for a refusal, why: "requests", "tokens",
+    # "concurrency" or "unavailable" (the shared limits could not be checked).
     limit: str | None = None
+    limit_reason: str | None = None
 
     # The exchange.
     status: int = 0
     bytes_sent: int | None = None
-    # perf_counter() interval from sending upstream to the upstream's response head.
+    # perf_counter() intervals from sending upstream: to the response head (the upstream's time
+    # to first byte), to the first body chunk, and to the end of the exchange.
     upstream_seconds: float | None = None
+    first_chunk_seconds: float | None = None
+    upstream_total_seconds: float | None = None
+    event_stream: bool = False
+    # What failed upstream: "connect", "timeout", "protocol" (before the head), "stream" (after
+    # it), or "client" (a fault in the gateway's HTTP client).
     upstream_error: str | None = None
     # The class of an exception that escaped the request path (answered 500, or cut).
     gateway_error: str | None = None
@@ -58,6 +68,10 @@ class RequestContext:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    @property
+    def status_class(self) -> str:
+        return f"{self.status // 100}xx" if self.status else "none"
 
 
 def context_of(scope: Scope) -> RequestContext | None:

@@ -323,5 +323,26 @@ def limits_unavailable(message: str, headers: Sequence[tuple[bytes, bytes]]) -> 
     )
 
 
+def admin_key_missing(presented: bool) -> GatewayError:
+    if presented:
+        return GatewayError(401, "Incorrect admin key provided.", code="invalid_api_key")
+    return GatewayError(
+        401,
+        "The admin API needs an admin key: Authorization: Bearer ADMIN_KEY, or HTTP Basic "
+        "with the key as password.",
+        code="missing_api_key",
+    )
+
+
+def admin_key_required() -> GatewayError:
+    # A client key is recognised (to say why it is refused), never accepted, whatever it may do.
+    return GatewayError(
+        403,
+        "The admin API needs an admin key; a client key cannot be used here.",
+        type="permission_error",
+        code="admin_key_required",
+    )
+
+
 def not_ready() -> GatewayError:
     return GatewayError(503, "The gateway is starting.", type="api_error", code="not_ready")

@@ -47,6 +47,8 @@ class ReloadStatus:
     last_error: str | None = None
     last_error_at: float | None = None
     failures: int = 0
+    # When the last reload ended, applied or refused (an admin's POST /admin/reload waits for it).
+    last_attempt_at: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -55,6 +57,7 @@ class ReloadStatus:
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "failures": self.failures,
+            "last_attempt_at": self.last_attempt_at,
         }
 
 
@@ -100,6 +103,7 @@ class ConfigReloader:
         *,
         interval: float,
         settle: float = SETTLE_SECONDS,
+        on_attempt: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.status = ReloadStatus()
@@ -110,6 +114,7 @@ class ConfigReloader:
         self._seen = _signature(files)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._on_attempt = on_attempt
 
     async def reload(self) -> bool:
         """Load, validate and apply the config; False (and the old one serving) if it is invalid,
@@ -127,6 +132,10 @@ class ConfigReloader:
                 logger.error("config reload failed; the previous config keeps serving: %s", reason)
                 logger.debug("config reload failure", exc_info=True)
                 return False
+            finally:
+                self.status.last_attempt_at = time.time()
+                if self._on_attempt is not None:
+                    self._on_attempt()
 
     async def _reload(self) -> bool:
         with collection_paused(freeze=True):

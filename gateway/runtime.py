@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.auth import KeyRing
+from gateway.auth import AdminKeys, KeyRing, admin_keys
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
 from gateway.routing import RouteTable
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.targets import UpstreamTarget, build_target
+
+# The admin API is off: no admin key opens it.
+_NO_ADMIN_KEYS = AdminKeys({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,10 @@ class Runtime:
     concurrency: Mapping[str, ConcurrencyCaps]
     # Shared by every snapshot (its buckets outlive a reload); owned by the app's lifespan.
     limiter: Limiter
+    # Model names the config lists (aliases, keys' exact model names, per-model limits): the
+    # only ones metrics may use as label values.
+    known_models: frozenset[str] = frozenset()
+    admin_keys: AdminKeys = _NO_ADMIN_KEYS
 
     def timeouts(self, route: str, upstream: UpstreamTarget) -> Timeouts:
         return self.route_timeouts.get(route) or upstream.config.timeouts
@@ -94,7 +101,17 @@ def build_runtime(
         planner=tables.planner,
         concurrency=tables.concurrency,
         limiter=limiter,
+        known_models=listed_models(config),
+        admin_keys=admin_keys(config.admin.keys),
     )
+
+
+def listed_models(config: GatewayConfig) -> frozenset[str]:
+    """The model names an admin wrote down (patterns such as 'gpt-4o*' are not names)."""
+    named = set(config.models) | set(config.limits.models)
+    for key in config.keys:
+        named.update(m for m in key.models if not any(c in m for c in "*?["))
+    return frozenset(named)
 
 
 def retired_clients(previous: Runtime, current: Runtime) -> list[UpstreamClient]:

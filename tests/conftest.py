@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from gateway.auth import hash_key
+from tests.support.admin import ADMIN_SECTION
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.ports import free_port
+
+# trio (selenium's dependency) registers a Hypothesis plugin that warns as Hypothesis loads it,
+# and the suite runs with warnings as errors: Hypothesis is imported after this line (lazily, by
+# its pytest plugin or a test module), so its plugins are skipped.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 DEMO_KEY = "sk-gw-test-demo"
 NARROW_KEY = "sk-gw-test-narrow"
@@ -17,7 +24,10 @@ UPSTREAM_KEY = "sk-upstream-very-secret-0123456789"
 
 
 def gateway_config(upstream_base_url: str, *, extra: str = "", unlisted: bool = True) -> str:
-    """The test gateway's YAML: the example's routes, two keys, a model alias."""
+    """The test gateway's YAML: the example's routes, two keys, a model alias, and the admin
+    API on with ``ADMIN_KEY`` (unless ``extra`` configures its own)."""
+    if not any(line.startswith("admin:") for line in extra.splitlines()):
+        extra = extra + "\n" + ADMIN_SECTION
     return f"""
 server:
   max_body_bytes: 65536

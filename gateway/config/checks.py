@@ -26,7 +26,13 @@ Locate = Callable[[str], str | None]
 
 # The gateway's own endpoints; no route or alias may take them (a pattern that merely could match
 # one, such as /{name}, is fine: literal paths are more specific and win).
-RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/admin"})
+# The gateway's own endpoints (gateway/app.py): no route may take them.
+RESERVED_PATHS = frozenset(
+    {
+        *("/healthz", "/health", "/live", "/readyz", "/ready"),
+        *("/openapi.json", "/metrics", "/admin"),
+    }
+)
 RESERVED_PREFIX = "/admin/"
 
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -143,6 +149,32 @@ def _unique_names(config: GatewayConfig, cite: _Cite) -> Iterator[Problem]:
             )
         names.setdefault(key.name, i)
         hashes.setdefault(key.hash, i)
+    admin_names: dict[str, int] = {}
+    admin_hashes: dict[str, int] = {}
+    for i, admin in enumerate(config.admin.keys):
+        if admin.name in admin_names:
+            yield (
+                format_path(("admin", "keys", i, "name")),
+                f"admin key name {admin.name!r} is already used by "
+                + cite(("admin", "keys", admin_names[admin.name])),
+            )
+        if admin.hash in hashes:
+            # A client key that opens the admin API would let every holder of it read and
+            # reload the gateway's config.
+            other = hashes[admin.hash]
+            yield (
+                format_path(("admin", "keys", i, "hash")),
+                "a client key cannot be an admin key: the same hash is used by "
+                + cite(("keys", other), f"key {config.keys[other].name!r}"),
+            )
+        elif admin.hash in admin_hashes:
+            yield (
+                format_path(("admin", "keys", i, "hash")),
+                "the same hash is already used by "
+                + cite(("admin", "keys", admin_hashes[admin.hash])),
+            )
+        admin_names.setdefault(admin.name, i)
+        admin_hashes.setdefault(admin.hash, i)
 
 
 def _references(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:

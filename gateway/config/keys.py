@@ -12,9 +12,10 @@ from pydantic import Field, field_validator
 
 from gateway.config.fields import Model, Name
 
-__all__ = ["ApiKey", "Limits", "LimitsSection"]
+__all__ = ["KEY_HASH_PATTERN", "ApiKey", "Limits", "LimitsSection", "check_key_hash"]
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+KEY_HASH_PATTERN = _KEY_HASH.pattern
 
 
 class Limits(Model):
@@ -49,16 +50,20 @@ class ApiKey(Model):
     @field_validator("hash", mode="before")
     @classmethod
     def _hash_says_how_to_make_one(cls, value: object) -> object:
-        # Runs before the pattern (kept for the JSON Schema) so that a placeholder, such as the
-        # one the deploy files ship, is refused with what to do instead of a regex. The value
-        # is never echoed: an admin may have pasted the key itself here.
-        if isinstance(value, str) and not _KEY_HASH.match(value.strip()):
-            raise ValueError(
-                "must be the key's hash, 'sha256:' and 64 lowercase hex digits: run "
-                "'gateway keys new NAME' and paste the hash it prints (for an existing key: "
-                'echo "$KEY" | gateway keys hash)'
-            )
-        return value
+        return check_key_hash(value)
+
+
+def check_key_hash(value: object) -> object:
+    """Runs before the pattern (kept for the JSON Schema) so that a placeholder, such as the one
+    the deploy files ship, is refused with what to do instead of a regex. The value is never
+    echoed: an admin may have pasted the key itself here."""
+    if isinstance(value, str) and not _KEY_HASH.match(value.strip()):
+        raise ValueError(
+            "must be the key's hash, 'sha256:' and 64 lowercase hex digits: run "
+            "'gateway keys new NAME' and paste the hash it prints (for an existing key: "
+            'echo "$KEY" | gateway keys hash)'
+        )
+    return value
 
 
 class LimitsSection(Model):

@@ -12,6 +12,8 @@ that section and are importable from here too:
 - ``upstreams`` and ``models``: ``gateway.config.upstreams`` (``Upstream``, ``Timeouts``,
   ``ModelAlias``...);
 - ``keys`` and ``limits``: ``gateway.config.keys`` (``ApiKey``, ``Limits``, ``LimitsSection``);
+- ``admin`` and ``metrics``: ``gateway.config.operations`` (``AdminSettings``, ``AdminKey``,
+  ``MetricsSettings``);
 - ``server`` and ``redis``: ``gateway.config.settings`` (``ServerSettings``,
   ``ConnectionSettings``, ``RedisSettings``).
 """
@@ -22,17 +24,21 @@ from pydantic import ConfigDict, Field
 
 from gateway.config.fields import Model, Name
 from gateway.config.keys import ApiKey, Limits, LimitsSection
+from gateway.config.operations import AdminKey, AdminSettings, MetricsSettings
 from gateway.config.routes import Alias, Route
 from gateway.config.settings import ConnectionSettings, RedisSettings, ServerSettings
 from gateway.config.upstreams import ModelAlias, Timeouts, Upstream, UpstreamAuth
 
 __all__ = [
+    "AdminKey",
+    "AdminSettings",
     "Alias",
     "ApiKey",
     "ConnectionSettings",
     "GatewayConfig",
     "Limits",
     "LimitsSection",
+    "MetricsSettings",
     "ModelAlias",
     "RedisSettings",
     "Route",
@@ -79,3 +85,5 @@ class GatewayConfig(Model):
     )
     keys: tuple[ApiKey, ...] = ()
     limits: LimitsSection = Field(default_factory=lambda: LimitsSection())
+    admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
+    metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())

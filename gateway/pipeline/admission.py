@@ -98,7 +98,11 @@ async def admit(
     caps = runtime.concurrency.get(principal.name)
     if caps is not None:
         # Held until the response's last byte: an open stream keeps its slot.
-        held.slot = concurrency.acquire(principal.name, caps)
+        try:
+            held.slot = concurrency.acquire(principal.name, caps)
+        except errors.GatewayError:
+            context.limit, context.limit_reason = "refused", "concurrency"
+            raise
 
     payload = await request_body.read_body(
         receive, headers, runtime.config.server.max_body_bytes, held.lease
@@ -162,6 +166,7 @@ async def admit(
         context.limit = "degraded" if decision.degraded else "allowed"
         if not decision.allowed:
             context.limit = "refused"
+            context.limit_reason = "unavailable" if decision.unavailable else decision.kind
             raise decision.error()
         held.extra = [*held.extra, *decision.headers()]
         settlement = Settlement(runtime.limiter, decision)

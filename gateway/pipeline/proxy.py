@@ -27,8 +27,14 @@ class Proxy:
         runtime: Callable[[], Runtime],
         concurrency: ConcurrencyLimiter,
         bodies: BodyBudget,
+        streams: relay.StreamGauge | None = None,
+        *,
+        read_usage: bool = False,
     ) -> None:
         self._runtime = runtime
+        # The metrics: the open-streams gauge, and every response's token usage.
+        self._streams = streams
+        self._read_usage = read_usage
         # Both outlive config snapshots: what is in flight stays counted across a reload.
         self._concurrency = concurrency
         self._bodies = bodies
@@ -57,6 +63,8 @@ class Proxy:
                 held.extra,
                 admitted.settlement,
                 admitted.rewrite,
+                self._streams,
+                self._read_usage,
             )
         finally:
             held.release()

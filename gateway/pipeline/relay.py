@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway import errors
 from gateway.context import RequestContext
@@ -49,6 +49,14 @@ WATCH_AFTER_SECONDS = 0.05
 # The representation changed: the upstream's coding, length and validator describe another one
 # (RFC 9110 §8.8.3).
 _REWRITTEN_DROPS = frozenset({b"content-encoding", b"content-length", b"etag"})
+
+
+class StreamGauge(Protocol):
+    """Counts the event streams being relayed (the metrics' open-streams gauge)."""
+
+    def stream_opened(self) -> None: ...
+
+    def stream_closed(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +114,12 @@ async def exchange(
     extra: RawHeaders,
     settlement: Settlement | None,
     rewrite: Rewrite | None = None,
+    streams: StreamGauge | None = None,
+    read_usage: bool = False,
 ) -> None:
     """Send ``outbound`` to ``upstream`` and relay its answer; settle the limits however the
-    exchange ended, a client that left included."""
+    exchange ended, a client that left included. The response's token usage is read when a
+    token limit needs it to settle, or when ``read_usage`` asks (for the metrics)."""
     watch = _Exchange(task=asyncio.current_task())
     timer = asyncio.get_running_loop().call_later(
         WATCH_AFTER_SECONDS, watch.start_watching, receive
@@ -118,13 +129,13 @@ async def exchange(
     complete = False
     unanswered = False  # the upstream failed before its response: it used no tokens
     strip_ratelimit = settlement is not None
+    sent_at = time.perf_counter()
     try:
-        sent_at = time.perf_counter()
         try:
             response = await upstream.client.send(outbound)
         except Exception as exc:
             unanswered = True
-            context.upstream_error = type(exc).__name__
+            context.upstream_error = _failure_kind(exc)
             if not isinstance(exc, UpstreamError):
                 # A fault in the client itself, not the upstream: still an OpenAI-shaped 502
                 # for the caller, with the traceback for the operator.
@@ -136,7 +147,7 @@ async def exchange(
             await _upstream_refusal(exc, upstream.name).send(send, extra)
         else:
             context.upstream_seconds = time.perf_counter() - sent_at
-            if settlement is not None and settlement.counts_tokens:
+            if read_usage or (settlement is not None and settlement.counts_tokens):
                 tap = usage_tap(response.raw_headers)
             if rewrite is not None and response.status == 200:
                 complete = await _relay_rewritten(
@@ -144,7 +155,15 @@ async def exchange(
                 )
             else:
                 complete = await _relay(
-                    context, send, response, extra, tap, strip_ratelimit, upstream.secrets
+                    context,
+                    send,
+                    response,
+                    extra,
+                    tap,
+                    strip_ratelimit,
+                    upstream.secrets,
+                    sent_at,
+                    streams,
                 )
     except asyncio.CancelledError:
         if not watch.client_gone:
@@ -153,6 +172,9 @@ async def exchange(
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         context.client_gone = True
     finally:
+        context.upstream_total_seconds = time.perf_counter() - sent_at
+        if context.event_stream and streams is not None:
+            streams.stream_closed()
         watch.stop_watching(timer)
         if response is not None:
             if complete:
@@ -195,8 +217,12 @@ async def _relay(
     tap: UsageTap | None,
     strip_ratelimit: bool,
     secrets: Sequence[bytes],
+    started: float,
+    streams: StreamGauge | None,
 ) -> bool:
     """Forward the head, then each raw chunk the moment it arrives. True if it completed.
+
+    ``started`` is when the request was sent upstream (for the time to the first chunk).
 
     The usage tap reads the same chunk objects; it never changes or delays them. One exception
     to "the moment it arrives": when the upstream has ``secrets``, the body of a non-streamed
@@ -211,6 +237,10 @@ async def _relay(
         secrets=secrets,
         keep_length=True,
     )
+    if event_stream:
+        context.event_stream = True
+        if streams is not None:
+            streams.stream_opened()  # closed by ``exchange`` however the relay ends
     status = response.status
     read = response.read_chunk
     sent = 0
@@ -242,6 +272,8 @@ async def _relay(
             return _cut(context, exc, sent)
         if not chunk:
             break
+        if not sent:
+            context.first_chunk_seconds = time.perf_counter() - started
         sent += len(chunk)
         if tap is not None:
             tap.feed(chunk)
@@ -279,7 +311,13 @@ async def _relay_rewritten(
     try:
         held, complete = await hold_body(response.read_chunk, tap, limit)
     except UpstreamStreamError as exc:
-        context.upstream_error = str(exc)
+        context.upstream_error = "stream"
+        logger.warning(
+            "upstream '%s' failed while its model list was read (request %s): %s",
+            upstream.name,
+            context.request_id,
+            exc,
+        )
         await errors.upstream_failed(upstream.name).send(send, extra)
         return False
     plain = decoded_body(b"".join(held), headers, limit) if complete else None
@@ -300,7 +338,7 @@ def _cut(context: RequestContext, exc: UpstreamStreamError, sent: int) -> bool:
 
     The status cannot change any more. Returning without the final message makes the server
     drop the connection: the client sees a cut stream, never a clean end."""
-    context.upstream_error = str(exc)
+    context.upstream_error = "stream"
     context.bytes_sent = sent
     logger.warning(
         "upstream failed mid-response after %d bytes (request %s): %s",
@@ -309,6 +347,17 @@ def _cut(context: RequestContext, exc: UpstreamStreamError, sent: int) -> bool:
         exc,
     )
     return False
+
+
+def _failure_kind(exc: Exception) -> str:
+    """What failed before the response head, for the access line and the metrics."""
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamConnectError):
+        return "connect"
+    if isinstance(exc, UpstreamError):
+        return "protocol"
+    return "client"
 
 
 def _upstream_refusal(exc: Exception, upstream: str) -> errors.GatewayError:

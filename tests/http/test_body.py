@@ -13,6 +13,7 @@ from gateway import errors
 from gateway.http.body import BodyBudget
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.server.test_protocol import CHAT, CHAT_BODY
+from tests.support.admin import admin_get
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.rawhttp import connect, read_all
@@ -101,7 +102,7 @@ def test_declared_lengths_alone_hold_nothing(budgeted: GatewayProcess) -> None:
             budgeted.url + "/v1/chat/completions", content=CHAT_BODY, headers=AUTH, timeout=5
         )
         assert served.status_code == 200
-        bodies = httpx.get(budgeted.url + "/readyz", timeout=5).json()["request_bodies"]
+        bodies = admin_get(budgeted.url, "health")["request_bodies"]
         assert bodies["held_bytes"] == 0
     finally:
         for sock in holders:

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -203,11 +203,14 @@ async def call(
 
 @asynccontextmanager
 async def in_process_gateway(
-    config_yaml: str, upstream: StandInUpstream, env: dict[str, str] | None = None
+    config_yaml: str,
+    upstream: StandInUpstream,
+    env: dict[str, str] | None = None,
+    access_stream: TextIO | None = None,
 ) -> AsyncIterator[Gateway]:
     """A started ``Gateway`` app whose upstream pools are ``upstream``'s stand-ins."""
     config = parse_config_text(config_yaml, env=env or {})
-    app = Gateway(config, client_factory=upstream.factory)
+    app = Gateway(config, client_factory=upstream.factory, access_stream=access_stream)
     await app.startup()
     try:
         yield app

@@ -1,0 +1,69 @@
+"""Liveness, readiness, and the health detail behind them for the admin API.
+
+``/healthz`` (also ``/health``, ``/live``) says the process answers; ``/readyz`` (also
+``/ready``) says it should get traffic: a config loaded, pools up, not draining. Their bodies
+carry a status word and nothing else: anyone may call them, and counts, generations or error
+classes there tell an outsider about the deployment. The detail is ``health_detail``, behind an
+admin key (``GET /admin/health``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def readiness(gateway: Gateway) -> tuple[int, str]:
+    if gateway.current_runtime() is None:
+        return 503, "starting"
+    if gateway.draining:
+        return 503, "draining"
+    return 200, "ready"
+
+
+def health_detail(gateway: Gateway) -> dict[str, Any]:
+    runtime = gateway.current_runtime()
+    status, word = readiness(gateway)
+    body: dict[str, Any] = {"status": word, "ready": status == 200, "pid": os.getpid()}
+    if runtime is not None:
+        body["counts"] = {
+            "routes": len(runtime.routes.endpoints),
+            "upstreams": len(runtime.upstreams),
+            "keys": len(runtime.keys),
+        }
+    stats = gateway.limiter_stats
+    redis = runtime is not None and runtime.config.redis.url is not None
+    body["limits"] = {
+        "store": "redis" if redis else "local (per process)",
+        "admitted": stats.admitted,
+        "refused": stats.refused,
+        "degraded_decisions": stats.degraded,
+        "redis_errors": stats.redis_errors,
+        "breaker_trips": stats.breaker_trips,
+        # closed, open or half-open; and the last failure's class and time only: its text may
+        # name hosts.
+        "breaker": stats.breaker if redis else None,
+        "last_error": (
+            None
+            if stats.last_error is None
+            else {"type": stats.last_error, "at": stats.last_error_at}
+        ),
+    }
+    body["connections"] = gateway.connection_stats.as_dict()
+    bodies = gateway.body_budget
+    body["request_bodies"] = {
+        "held_bytes": bodies.capacity - bodies.available,
+        "capacity_bytes": bodies.capacity,
+    }
+    # Forwarded headers that were ignored: malformed values, or sent by a peer outside
+    # trusted_proxies (a spoofing attempt, or a proxy missing from the list).
+    forwarded = gateway.forwarded_stats
+    body["forwarded_headers_ignored"] = {
+        "malformed": dict(forwarded.malformed),
+        "untrusted_peer": forwarded.untrusted,
+    }
+    body["workers"] = gateway.workers.records()
+    return body
