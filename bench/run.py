@@ -23,8 +23,9 @@ What each figure means:
    upstream (the reference), through the gateway, and the bare
    uvicorn app (``bench/bare_app.py``: the same response bytes sent by a bare ASGI app with the
    gateway's uvicorn settings, the Python ceiling). ``gateway / bare``: target >= 0.30. The full
-   run adds three rows, each with one thing changed: the access log off, the limits off, and
-   the limits kept in Redis (a local ``redis-server`` on CPU 1, with the load; two limiter calls
+   run adds four rows, each with one thing changed: the access log off, the limits off, the
+   metrics off (``metrics.enabled: false``; on, every response's usage is read), and the
+   limits kept in Redis (a local ``redis-server`` on CPU 1, with the load; two limiter calls
    per request, admit and settle). ``bench/redis_clients.py`` compares Redis clients on that row.
    CPU columns, in percent of one core over the measurement: the system under test (SUT), the
    fake upstream, wrk, and per CPU "otherN": busy time on CPU N that none of them accounts for
@@ -108,12 +109,13 @@ class Plan:
 FULL = Plan(seconds=10, warmup=2, paced_seconds=5.0, variants=True)
 QUICK = Plan(seconds=2, warmup=1, paced_seconds=1.5, variants=False)
 # One thing changed from the gateway as measured: (result name, access log, where the limits
-# are kept: "local" in the process, "redis", or None for no limits).
+# are kept: "local" in the process, "redis", or None for no limits, metrics on).
 Limits = str | None
-VARIANTS: tuple[tuple[str, bool, Limits], ...] = (
-    ("gateway_log_off", False, "local"),
-    ("gateway_no_limits", True, None),
-    ("gateway_redis_limits", True, "redis"),
+VARIANTS: tuple[tuple[str, bool, Limits, bool], ...] = (
+    ("gateway_log_off", False, "local", True),
+    ("gateway_no_limits", True, None, True),
+    ("gateway_metrics_off", True, "local", False),
+    ("gateway_redis_limits", True, "redis", True),
 )
 
 
@@ -183,12 +185,15 @@ def gateway_config(
     access_log: bool,
     limits: Limits,
     redis_url: str | None = None,
+    metrics: bool = True,
 ) -> None:
     """``limits``: "local" (in the process), "redis" (at ``redis_url``) or None."""
     from gateway.auth import hash_key
 
-    config = {
-        "server": {"host": "127.0.0.1", "access_log": access_log},
+    config: dict[str, object] = {
+        # No drain delay: each measurement stops its gateway at once.
+        "server": {"host": "127.0.0.1", "access_log": access_log, "drain_delay": 0},
+        "metrics": {"enabled": metrics},
         "upstreams": {
             "fake": {"base_url": upstream.url("/v1"), "auth": {"style": "none"}},
         },
@@ -470,7 +475,7 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
             results["memory"].update(memory(gw))
             time.sleep(1)
             results["memory"]["idle_rss_after_mb"] = round(gw.memory_mb()["VmRSS"], 1)
-        for name, access_log, limits in VARIANTS if plan.variants else ():
+        for name, access_log, limits, metrics in VARIANTS if plan.variants else ():
             variant = work / f"{name}.yaml"
             with contextlib.ExitStack() as stack:
                 cpu = {"upstream": upstream}
@@ -480,7 +485,12 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
                     cpu["redis"] = redis
                     redis_url = f"redis://127.0.0.1:{redis.port}"
                 gateway_config(
-                    variant, upstream, access_log=access_log, limits=limits, redis_url=redis_url
+                    variant,
+                    upstream,
+                    access_log=access_log,
+                    limits=limits,
+                    redis_url=redis_url,
+                    metrics=metrics,
                 )
                 gw = stack.enter_context(gateway(variant, name))
                 chat(gw.url(CHAT))
@@ -595,6 +605,7 @@ def report(results: Results) -> str:
                         ("  gateway (access log, limits)", "gateway"),
                         ("  gateway, access log off", "gateway_log_off"),
                         ("  gateway, no limits", "gateway_no_limits"),
+                        ("  gateway, metrics off", "gateway_metrics_off"),
                         ("  gateway, limits in Redis", "gateway_redis_limits"),
                         ("  bare uvicorn app", "bare"),
                     ],
