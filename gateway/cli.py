@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from pydantic import ValidationError
@@ -186,6 +186,9 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         # One process serves the very config checked above: loaded once.
         app = Gateway(config, root_path=args.root_path, config_files=files)
+    graceful_timeout: float = (
+        config.server.graceful_timeout if args.graceful_timeout is None else args.graceful_timeout
+    )
     server_config = uvicorn.Config(
         app,
         factory=isinstance(app, str),
@@ -209,9 +212,11 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=_logging(args.log_level),
         timeout_keep_alive=config.server.connections.keep_alive_timeout,
         # uvicorn would otherwise wait for every open stream, however long, before exiting.
-        timeout_graceful_shutdown=args.graceful_timeout,
+        # Annotated int, but only ever used as asyncio.timeout()'s delay: fractions work.
+        timeout_graceful_shutdown=cast(int, graceful_timeout),
     )
-    runner.run(server_config)
+    drain_delay = config.server.drain_delay if args.drain_delay is None else args.drain_delay
+    runner.run(server_config, drain_delay=drain_delay)
     return 0
 
 
@@ -253,6 +258,17 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A duration flag: seconds, not negative (as the config's own fields)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="gateway", description=__doc__)
     root.add_argument("--version", action="version", version=__version__)
@@ -266,10 +282,16 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--root-path", help="public path prefix; overrides server.root_path")
     serve.add_argument("--log-level", default="info")
     serve.add_argument(
+        "--drain-delay",
+        type=_seconds,
+        help="seconds to go on accepting connections after SIGTERM while /readyz answers 503; "
+        "overrides server.drain_delay (default 5)",
+    )
+    serve.add_argument(
         "--graceful-timeout",
-        type=float,
-        default=25.0,
-        help="seconds open requests get to finish at shutdown (default 25, under Kubernetes' 30)",
+        type=_seconds,
+        help="seconds open requests get to finish once the listening socket is closed; "
+        "overrides server.graceful_timeout (default 20)",
     )
     serve.add_argument(
         "--demo",

@@ -170,6 +170,24 @@ class ServerSettings(Model):
         description="Seconds between checks of the config files for changes (0: only SIGHUP). "
         "Changes to 'server' itself need a restart. Default 2.",
     )
+    drain_delay: float = Field(
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds the gateway keeps accepting and serving after SIGTERM (or SIGINT) "
+        "while /readyz answers 503, so load balancers stop sending to it before its listening "
+        "socket closes. A second signal ends the delay early. 'gateway serve --drain-delay' "
+        "overrides it. Default 5.",
+    )
+    graceful_timeout: float = Field(
+        20.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Seconds open requests and streams get to finish once the listening socket "
+        "is closed; those still open are then cut (their clients see an incomplete response). "
+        "'gateway serve --graceful-timeout' overrides it. Default 20: with the default "
+        "drain_delay, 25 s in all, inside Kubernetes' default 30 s grace period.",
+    )
 
     @model_validator(mode="after")
     def _largest_body_fits(self) -> ServerSettings:

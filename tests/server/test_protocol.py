@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
+from tests.support.admin import admin_get
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.rawhttp import connect, exchange, is_closed, read_all, rss_kib, trickle
@@ -37,7 +38,8 @@ def with_connections(config: str, settings: str = CONNECTIONS) -> str:
 
 @pytest.fixture(scope="module")
 def guarded(upstream: FakeUpstream) -> Iterator[GatewayProcess]:
-    config = with_connections(gateway_config(upstream.base_url))
+    # No drain delay: these tests are not about shutdown, which would take 5 s more.
+    config = with_connections(gateway_config(upstream.base_url), "  drain_delay: 0\n" + CONNECTIONS)
     with GatewayProcess(config, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY}) as process:
         yield process
 
@@ -440,9 +442,9 @@ def test_connections_beyond_max_open_get_503_at_once(guarded: GatewayProcess) ->
     assert httpx.get(guarded.url + "/healthz", timeout=5).status_code == 200
 
 
-def test_refusals_are_counted_on_readyz(guarded: GatewayProcess) -> None:
+def test_refusals_are_counted_in_the_health_detail(guarded: GatewayProcess) -> None:
     def counts() -> dict[str, int]:
-        found: dict[str, int] = httpx.get(guarded.url + "/readyz", timeout=5).json()["connections"]
+        found: dict[str, int] = admin_get(guarded.url, "health")["connections"]
         return found
 
     before = counts()

@@ -22,6 +22,7 @@ from uvicorn.supervisors.multiprocess import Process
 
 from gateway.server import runner
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
+from tests.support.admin import ADMIN_HEADERS
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.gatewayproc import GatewayProcess, stop_process
 from tests.support.ports import free_port
@@ -39,6 +40,12 @@ def no_polling(config: str) -> str:
     return config.replace("server:\n", "server:\n  reload_interval: 0\n", 1)
 
 
+def no_drain_delay(config: str) -> str:
+    """Stop accepting at once on SIGTERM, as before server.drain_delay (tests/server/test_drain.py
+    is about the delay)."""
+    return config.replace("server:\n", "server:\n  drain_delay: 0\n", 1)
+
+
 def with_route(config: str) -> str:
     return config.replace("routes:\n", "routes:\n" + NEW_ROUTE, 1)
 
@@ -48,14 +55,15 @@ def worker_pids(gateway: GatewayProcess, tries: int = 40) -> set[int]:
     pids = set()
     for _ in range(tries):
         with httpx.Client() as client:
-            pids.add(client.get(gateway.url + "/readyz", timeout=5).json()["pid"])
+            # /readyz says only ready or not; the pid is in the admin API's health detail.
+            pids.add(client.get(gateway.url + "/admin/health", headers=ADMIN_HEADERS).json()["pid"])
     return pids
 
 
 def test_sighup_reloads_every_worker_in_place_without_dropping_a_request(
     upstream: FakeUpstream,
 ) -> None:
-    config = no_polling(gateway_config(upstream.base_url))
+    config = no_drain_delay(no_polling(gateway_config(upstream.base_url)))
     with GatewayProcess(config, env=ENV, args=("--workers", "2")) as gateway:
         before = worker_pids(gateway)
         assert len(before) == 2
@@ -101,7 +109,7 @@ def test_sighup_reloads_every_worker_in_place_without_dropping_a_request(
 
 
 def test_sighup_with_a_broken_file_keeps_every_worker_serving(upstream: FakeUpstream) -> None:
-    config = no_polling(gateway_config(upstream.base_url))
+    config = no_drain_delay(no_polling(gateway_config(upstream.base_url)))
     with GatewayProcess(config, env=ENV, args=("--workers", "2")) as gateway:
         before = worker_pids(gateway)
         gateway.config_path.write_text(config + "\nroutes: [broken\n")
@@ -119,7 +127,7 @@ def test_sighup_with_a_broken_file_keeps_every_worker_serving(upstream: FakeUpst
 def test_sigterm_refuses_new_connections_at_once_and_drains_open_streams(
     upstream: FakeUpstream, workers: str
 ) -> None:
-    config = gateway_config(upstream.base_url)
+    config = no_drain_delay(gateway_config(upstream.base_url))
     with GatewayProcess(config, env=ENV, args=("--workers", workers)) as gateway:
         worker_pids(gateway)  # every worker is up
         result: dict[str, object] = {}
@@ -159,7 +167,7 @@ def test_sigterm_refuses_new_connections_at_once_and_drains_open_streams(
 
 
 def test_streams_cut_by_the_grace_period_log_one_warning(upstream: FakeUpstream) -> None:
-    config = gateway_config(upstream.base_url)
+    config = no_drain_delay(gateway_config(upstream.base_url))
     with GatewayProcess(config, env=ENV, args=("--graceful-timeout", "0.5")) as gateway:
         outcomes: list[str] = []
 
@@ -202,7 +210,7 @@ def test_streams_cut_by_the_grace_period_log_one_warning(upstream: FakeUpstream)
 def test_requests_on_a_silent_upstream_cut_by_the_grace_period_end_before_the_loop_closes(
     upstream: FakeUpstream, upstream_headers: dict[str, str]
 ) -> None:
-    config = gateway_config(upstream.base_url)
+    config = no_drain_delay(gateway_config(upstream.base_url))
     with GatewayProcess(config, env=ENV, args=("--graceful-timeout", "0.3")) as gateway:
         outcomes: list[str] = []
 
@@ -310,7 +318,7 @@ def test_sighup_sent_again_and_again_while_starting_does_not_kill_the_gateway(
     upstream: FakeUpstream, workers: str, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text(no_polling(gateway_config(upstream.base_url)))
+    config.write_text(no_drain_delay(no_polling(gateway_config(upstream.base_url))))
     port = free_port()
     process = subprocess.Popen(
         [
@@ -340,7 +348,9 @@ def test_sighup_sent_again_and_again_while_starting_does_not_kill_the_gateway(
         assert sent > 5
         if workers == "2":
             pids = {
-                httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()["pid"]
+                httpx.get(
+                    f"http://127.0.0.1:{port}/admin/health", headers=ADMIN_HEADERS, timeout=5
+                ).json()["pid"]
                 for _ in range(40)
             }
             assert len(pids) == 2  # neither worker was killed and replaced

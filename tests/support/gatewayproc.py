@@ -126,6 +126,9 @@ class GatewayProcess(ChildProcess):
         self.log_path = self.dir / "gateway.log"
         self._env = {**os.environ, **(env or {})}
         self._args = args
+        # Tests stop their gateways at once, unless they set the drain themselves.
+        drain_set = "--drain-delay" in args or "drain_delay" in config_yaml
+        self._drain_flags: tuple[str, ...] = () if drain_set else ("--drain-delay", "0")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -144,6 +147,7 @@ class GatewayProcess(ChildProcess):
                     "127.0.0.1",
                     "--port",
                     str(self.port),
+                    *self._drain_flags,
                     *self._args,
                 ],
                 stdout=log,
