@@ -6,8 +6,10 @@ import argparse
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -18,25 +20,10 @@ from gateway import __version__
 from gateway.auth import hash_key, new_key
 from gateway.config.loader import ConfigError, load_config, load_config_files
 from gateway.config.model import ApiKey, GatewayConfig
+from gateway.observability import metrics, workers
+from gateway.observability.logs import logging_config
 from gateway.routing import RouteTable
 from gateway.server.protocol import GatewayProtocol
-
-
-def _logging(level: str) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        },
-        "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
-        },
-        "loggers": {
-            "gateway": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
-            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
-        },
-    }
 
 
 def _print_errors(path: str, exc: ConfigError) -> None:
@@ -159,11 +146,6 @@ def _serve(args: argparse.Namespace) -> int:
     # Until the app's config reloader installs its SIGHUP handler (at startup), SIGHUP would
     # terminate the process: a reload sent while the gateway starts must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    import uvicorn
-
-    from gateway.app import Gateway
-    from gateway.server import runner
-
     try:
         config, files = load_config_files(args.config)
     except ConfigError as exc:
@@ -176,6 +158,41 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"{args.config}: {refusal}", file=sys.stderr)
         return 1
+    log_level: str = config.server.log_level if args.log_level is None else args.log_level
+    # Metrics: with several workers, prometheus_client's multiprocess mode reads one directory
+    # the workers share; it must be set before they import prometheus_client, and be empty.
+    own_dirs: list[str] = []
+    metrics_dir = os.environ.get(metrics.MULTIPROCESS_ENV) or None
+    if args.workers > 1 or metrics_dir is not None:
+        made = metrics_dir is None
+        metrics_dir = metrics.prepare_multiprocess_directory(metrics_dir)
+        if made:
+            own_dirs.append(metrics_dir)
+        os.environ[metrics.MULTIPROCESS_ENV] = metrics_dir
+    if args.workers > 1:
+        # Where each worker says what config it serves, for an admin request any worker answers.
+        state_dir = tempfile.mkdtemp(prefix="gateway-workers-")
+        own_dirs.append(state_dir)
+        os.environ[workers.STATE_ENV] = state_dir
+    try:
+        return _run(args, config, files, log_level, metrics_dir)
+    finally:
+        for directory in own_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    config: GatewayConfig,
+    files: tuple[str, ...],
+    log_level: str,
+    metrics_dir: str | None,
+) -> int:
+    import uvicorn
+
+    from gateway.app import Gateway
+    from gateway.server import runner
+
     app: Gateway | str
     if args.workers > 1:
         # Each worker process loads the config itself, from the environment.
@@ -209,14 +226,20 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
         date_header=False,
         access_log=False,
-        log_config=_logging(args.log_level),
+        log_config=logging_config(log_level, config.server.log_format),
         timeout_keep_alive=config.server.connections.keep_alive_timeout,
         # uvicorn would otherwise wait for every open stream, however long, before exiting.
         # Annotated int, but only ever used as asyncio.timeout()'s delay: fractions work.
         timeout_graceful_shutdown=cast(int, graceful_timeout),
     )
     drain_delay = config.server.drain_delay if args.drain_delay is None else args.drain_delay
-    runner.run(server_config, drain_delay=drain_delay)
+
+    def worker_exited(pid: int) -> None:
+        if metrics_dir is not None:
+            # Its gauges go; its counters stay in the totals (docs/operations.md).
+            metrics.forget_workers(metrics_dir, [pid])
+
+    runner.run(server_config, drain_delay=drain_delay, on_worker_exit=worker_exited)
     return 0
 
 
@@ -280,7 +303,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default: server.port from the config")
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--root-path", help="public path prefix; overrides server.root_path")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error", "critical"),
+        type=str.lower,
+        help="the gateway's own log lines; overrides server.log_level (default info)",
+    )
     serve.add_argument(
         "--drain-delay",
         type=_seconds,

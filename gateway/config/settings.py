@@ -170,6 +170,16 @@ class ServerSettings(Model):
         description="Seconds between checks of the config files for changes (0: only SIGHUP). "
         "Changes to 'server' itself need a restart. Default 2.",
     )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info",
+        description="The level of the gateway's own log lines (not the access log). "
+        "'gateway serve --log-level' overrides it. Default info.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="The gateway's own log lines as text, or one JSON object per line (ts, "
+        "level, logger, message, exc), like the access log. Default text.",
+    )
     drain_delay: float = Field(
         5.0,
         ge=0,

@@ -324,10 +324,18 @@ class Supervisor(Multiprocess):
     _sockets_closed = False
 
     def __init__(
-        self, config: Config, sockets: list[socket.socket], *, drain_delay: float = 0.0
+        self,
+        config: Config,
+        sockets: list[socket.socket],
+        *,
+        drain_delay: float = 0.0,
+        on_worker_exit: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(config, sockets)
         self.drain_delay = drain_delay
+        # Told the pid of each worker that died, once it is reaped (the metrics drop its
+        # gauges): uvicorn's supervisor has no hook for it.
+        self._on_worker_exit = on_worker_exit
 
     def init_processes(self) -> None:
         self.slots: list[WorkerSlot] = []
@@ -364,6 +372,8 @@ class Supervisor(Multiprocess):
                 continue
             worker.kill()
             worker.join()
+            if self._on_worker_exit is not None and worker.pid is not None:
+                self._on_worker_exit(worker.pid)
             if self.should_exit.is_set():
                 return
             if slot.first_start and worker.exitcode == STARTUP_FAILURE:
@@ -511,14 +521,21 @@ class Supervisor(Multiprocess):
         logger.info("supervisor [%d] stopped", os.getpid())
 
 
-def run(config: Config, *, drain_delay: float = 0.0) -> None:
+def run(
+    config: Config,
+    *,
+    drain_delay: float = 0.0,
+    on_worker_exit: Callable[[int], None] | None = None,
+) -> None:
     """Serve ``config``: in this process, or with ``config.workers`` worker processes.
 
     On SIGTERM or SIGINT, go on serving for ``drain_delay`` seconds while ``/readyz`` answers
     503, then give open requests ``config.timeout_graceful_shutdown`` seconds."""
     if config.workers > 1:
         sock = config.bind_socket()
-        supervisor = Supervisor(config, sockets=[sock], drain_delay=drain_delay)
+        supervisor = Supervisor(
+            config, sockets=[sock], drain_delay=drain_delay, on_worker_exit=on_worker_exit
+        )
         supervisor.run()
         if supervisor.startup_failed:
             sys.exit(STARTUP_FAILURE)
