@@ -8,7 +8,6 @@ headers and the 429 refusal.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,11 +109,6 @@ class Decision:
     limiting: int = -1  # index of the bucket that refused, -1 if none
     degraded: bool = False  # decided without the shared store (Redis down or skipped)
     unavailable: bool = False  # limits could not be checked and on_failure is 'closed': 503
-
-    @property
-    def retry_after(self) -> float:
-        """Seconds to wait before retrying (``inf`` when waiting cannot help)."""
-        return math.inf if self.retry_after_ms < 0 else self.retry_after_ms / 1000
 
     @property
     def limiting_bucket(self) -> Bucket | None:
