@@ -322,6 +322,7 @@ class Supervisor(Multiprocess):
     # When the first stop signal arrived (monotonic), None until one has.
     _stopped_at: float | None = None
     _sockets_closed = False
+    _on_worker_exit: Callable[[int], None] | None = None
 
     def __init__(
         self,
