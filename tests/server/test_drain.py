@@ -28,6 +28,7 @@ from gateway.cli import parser
 from gateway.config.model import GatewayConfig
 from gateway.config.settings import ServerSettings
 from gateway.server import runner
+from gateway.server import supervisor as supervisor_module
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.support.fakeupstream import FakeUpstream
 from tests.support.gatewayproc import GatewayProcess
@@ -469,7 +470,7 @@ def test_the_supervisor_passes_sigterm_on_and_closes_its_socket_after_the_delay(
 def test_the_supervisor_kills_workers_still_running_after_delay_grace_and_margin(
     supervisor_parts: list[_Supervisor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner, "KILL_MARGIN_SECONDS", 0.3)
+    monkeypatch.setattr(supervisor_module, "KILL_MARGIN_SECONDS", 0.3)
     workers = [_Worker(exits_after=0.1), _Worker(exits_after=None)]
     supervisor = _Supervisor(workers, drain_delay=0.2, grace=0.3)
     supervisor_parts.append(supervisor)

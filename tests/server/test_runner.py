@@ -21,6 +21,8 @@ from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import Process
 
 from gateway.server import runner
+from gateway.server import server as server_module
+from gateway.server import supervisor as supervisor_module
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.support.admin import ADMIN_HEADERS
 from tests.support.fakeupstream import FakeUpstream
@@ -263,7 +265,7 @@ class _Connection:
 async def test_cutting_waits_for_requests_to_end_then_cancels_and_awaits_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(runner, "CUT_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(server_module, "CUT_WAIT_SECONDS", 0.2)
     server = runner.GatewayServer(Config(app=None))  # type: ignore[arg-type]
     disconnected = asyncio.Event()
     ended: list[str] = []
@@ -426,7 +428,7 @@ class _Supervisor(runner.Supervisor):
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     fake = _Clock()
     # The supervisor's clock only: its module's ``time`` name, not the time module itself.
-    monkeypatch.setattr(runner, "time", fake)
+    monkeypatch.setattr(supervisor_module, "time", fake)
     return fake
 
 
