@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import socket
+import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -85,8 +86,10 @@ def test_sse_events_flushed_as_they_arrive(gateway: GatewayProcess) -> None:
                 arrivals.append(time.monotonic())
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 7  # 5 pieces, the finish chunk, [DONE]
-    # The upstream waits 100 ms between events; a gateway that batched would show ~0 gaps.
-    assert all(gap > 0.07 for gap in gaps), gaps
+    # The upstream waits 100 ms between events; a gateway that batched would show ~0 gaps. One
+    # event delivered late on a loaded machine shortens the gap after it, not the typical one.
+    assert min(gaps) > 0.03, gaps
+    assert statistics.median(gaps) > 0.07, gaps
 
 
 def test_gzip_body_relayed_still_encoded(gateway: GatewayProcess, upstream: FakeUpstream) -> None:

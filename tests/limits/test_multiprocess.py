@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from threading import Barrier
 
 from redis.asyncio import Redis
 
@@ -18,18 +19,25 @@ PER_SECOND = 10
 DURATION = 1.0
 
 
-def hammer(url: str, start_at: float) -> tuple[int, int, float, float]:
+def hammer(url: str, ready: Barrier) -> tuple[int, int, float, float]:
     """Admit as fast as possible during the window; return (admitted, refused, first call
-    sent, last answer received) so the bound uses the window each process really had."""
+    sent, last answer received) so the bound uses the window each process really had.
+
+    Every process connects first, then all start together (``ready``): with a start time fixed
+    in advance, a process still importing on a loaded machine arrived after another had taken
+    the whole burst, and nothing was contended."""
 
     async def run() -> tuple[int, int, float, float]:
-        limiter = RedisLimiter(Redis.from_url(url), timeout=1.0)
+        client = Redis.from_url(url)
+        limiter = RedisLimiter(client, timeout=1.0)
         plan = plan_for(make_key("shared", limits=limits(PER_SECOND * 60, request_burst=CAPACITY)))
         admitted = refused = 0
         first = last = 0.0
         try:
-            await asyncio.sleep(max(0.0, start_at - time.time()))
-            first = time.time()
+            await client.ping()
+            await asyncio.to_thread(ready.wait, 60)
+            start_at = time.time()
+            first = start_at
             while time.time() < start_at + DURATION:
                 decisions = await asyncio.gather(*(limiter.admit(plan) for _ in range(8)))
                 for decision in decisions:
@@ -48,9 +56,9 @@ def hammer(url: str, start_at: float) -> tuple[int, int, float, float]:
 
 def test_processes_never_exceed_capacity_plus_refill(redis_server: RedisServer) -> None:
     context = multiprocessing.get_context("spawn")
-    start_at = time.time() + 2.0  # time for the children to start and import
-    with context.Pool(4) as pool:
-        results = pool.starmap(hammer, [(redis_server.url, start_at)] * 4)
+    with context.Manager() as manager, context.Pool(4) as pool:
+        ready = manager.Barrier(4)
+        results = pool.starmap(hammer, [(redis_server.url, ready)] * 4)
     admitted = sum(r[0] for r in results)
     refused = sum(r[1] for r in results)
     assert sum(1 for r in results if r[0] > 0) >= 2, results  # processes really competed

@@ -347,7 +347,7 @@ def test_sighup_sent_again_and_again_while_starting_does_not_kill_the_gateway(
                 time.sleep(0.01)
         assert process.poll() is None, f"exit code {process.returncode}"
         assert ready
-        assert sent > 5
+        assert sent >= 3  # several landed while it started (a fast start takes ~5)
         if workers == "2":
             pids = {
                 httpx.get(
