@@ -187,22 +187,20 @@ class Gateway:
         root_path: str = scope.get("root_path", "")
         path: str = scope["path"]
         relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
-        if relative.startswith(ADMIN_PREFIX) or relative in OWN_PATHS:
-            context = context_of(scope)
-            if context is not None:
-                context.own = True
-        if relative.startswith(ADMIN_PREFIX):
-            await self._admin(scope, receive, send, relative)
-        elif relative in OWN_PATHS:
-            if scope["method"] not in ("GET", "HEAD"):
-                # Starlette's own 405 is plain text; every gateway error has OpenAI's shape.
-                await errors.method_not_allowed(scope["method"], relative, ("GET", "HEAD")).send(
-                    send
-                )
-                return
-            await self._own(scope, receive, send)
-        else:
+        admin = relative.startswith(ADMIN_PREFIX)
+        if not admin and relative not in OWN_PATHS:
             await self._proxy(scope, receive, send)
+            return
+        context = context_of(scope)
+        if context is not None:
+            context.own = True  # not API traffic: the metrics and recent activity skip it
+        if admin:
+            await self._admin(scope, receive, send, relative)
+        elif scope["method"] not in ("GET", "HEAD"):
+            # Starlette's own 405 is plain text; every gateway error has OpenAI's shape.
+            await errors.method_not_allowed(scope["method"], relative, ("GET", "HEAD")).send(send)
+        else:
+            await self._own(scope, receive, send)
 
     @staticmethod
     async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:

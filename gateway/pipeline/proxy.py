@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway import errors
-from gateway.context import RequestContext, context_of
+from gateway.context import SCOPE_KEY, RequestContext
 from gateway.http.body import BodyBudget, ClientDisconnected
-from gateway.http.request_id import request_id
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.pipeline import relay
 from gateway.pipeline.admission import Held, admit
@@ -41,9 +40,8 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self._runtime()  # one snapshot for the whole request
-        context = context_of(scope)
-        if context is None:  # mounted without the lifecycle middleware (a test)
-            context = RequestContext(request_id(scope["headers"]), scope["method"], scope["path"])
+        # Made by the lifecycle middleware, which the app always puts in front.
+        context: RequestContext = scope[SCOPE_KEY]
         held = Held(self._bodies.lease())
         try:
             try:

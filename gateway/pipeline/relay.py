@@ -144,7 +144,7 @@ async def exchange(
                     upstream.name,
                     context.request_id,
                 )
-            await _upstream_refusal(exc, upstream.name).send(send, extra)
+            await _upstream_refusal(context.upstream_error, upstream.name).send(send, extra)
         else:
             context.upstream_seconds = time.perf_counter() - sent_at
             if read_usage or (settlement is not None and settlement.counts_tokens):
@@ -360,9 +360,10 @@ def _failure_kind(exc: Exception) -> str:
     return "client"
 
 
-def _upstream_refusal(exc: Exception, upstream: str) -> errors.GatewayError:
-    if isinstance(exc, UpstreamTimeout):
+def _upstream_refusal(kind: str, upstream: str) -> errors.GatewayError:
+    """The answer to a failure of ``kind`` (``_failure_kind``) before the response head."""
+    if kind == "timeout":
         return errors.upstream_timeout(upstream)
-    if isinstance(exc, UpstreamConnectError):
+    if kind == "connect":
         return errors.upstream_unreachable(upstream)
     return errors.upstream_failed(upstream)
