@@ -46,6 +46,7 @@ from gateway.reload import ConfigReloader
 from gateway.runtime import Runtime, build_runtime, build_tables, retired_clients
 from gateway.server.stats import ConnectionStats
 from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream.health import HealthRegistry
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.transports.aiohttp import AiohttpClient
 from gateway.upstream.transports.http1 import Http1Client
@@ -95,6 +96,8 @@ class Gateway:
         self.limiter_stats = LimiterStats()
         self.limiter: Limiter | None = None
         self.concurrency = ConcurrencyLimiter()
+        # What this process knows of every upstream target's health; outlives reloads.
+        self.target_health = HealthRegistry()
         self.body_budget = BodyBudget(
             config.server.max_buffered_body_bytes, config.server.body_buffer_wait
         )
@@ -224,7 +227,9 @@ class Gateway:
     async def startup(self) -> None:
         config = self._startup_config
         self.limiter = build_limiter(config.redis, stats=self.limiter_stats)
-        self._runtime = build_runtime(config, self.client_factory, self.limiter)
+        self._runtime = build_runtime(
+            config, self.client_factory, self.limiter, health=self.target_health
+        )
         self.config_loaded_at = time.time()
         if self._config_files:
             self.reloader = ConfigReloader(
@@ -256,7 +261,9 @@ class Gateway:
             if getattr(config, section) != getattr(previous.config, section):
                 logger.warning("the '%s' section changed; restart the gateway to apply it", section)
         tables = await asyncio.to_thread(build_tables, config, previous)
-        current = build_runtime(config, self.client_factory, previous.limiter, previous, tables)
+        current = build_runtime(
+            config, self.client_factory, previous.limiter, previous, tables, self.target_health
+        )
         self._runtime = current
         self.config_loaded_at = time.time()
         retired = retired_clients(previous, current)
@@ -294,6 +301,7 @@ class Gateway:
         ):
             return await self._missing(request)
         metrics.limiter_state(self.limiter_stats)
+        metrics.target_state(self.target_health.all())
         if self.reloader is not None:
             metrics.reload_state(self.reloader.status)
         return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)

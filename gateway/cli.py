@@ -58,7 +58,10 @@ def describe(config: GatewayConfig) -> str:
                 notes.append(f"sunset {alias.sunset}")
             if alias.successor:
                 notes.append(f"successor {alias.successor}")
-        base = config.upstreams[route.upstream].base_url
+        targets = config.upstreams[route.upstream].target_list()
+        base = targets[0].base_url
+        if len(targets) > 1:
+            notes.append(f"{len(targets)} targets")
         rows.append(
             (
                 route.name,
@@ -77,7 +80,9 @@ def describe(config: GatewayConfig) -> str:
     lines.append("")
     lines.append("MODELS")
     for name, model in config.models.items():
-        lines.append(f"  {name} -> {model.upstream}:{model.model or name}")
+        chain = [f"{model.upstream}:{model.model or name}"]
+        chain.extend(f"{step.upstream}:{step.model or name}" for step in model.fallbacks)
+        lines.append(f"  {name} -> " + ", then ".join(chain))
     unlisted = "routed to the route's upstream" if config.allow_unlisted_models else "refused (404)"
     lines.append(f"  (unlisted models: {unlisted})")
     lines.append("")

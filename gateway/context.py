@@ -19,6 +19,17 @@ from gateway.types import Scope
 SCOPE_KEY = "gateway.context"
 
 
+@dataclass(slots=True)
+class Try:
+    """One attempt at the upstream: where it went and how it ended ("ok"; before the head:
+    "connect", "timeout", "protocol", "client"; an answer replaced by a later attempt:
+    "status_503", "fallback_400", ...)."""
+
+    upstream: str
+    target: str
+    outcome: str
+
+
 @dataclass(slots=True, eq=False)
 class RequestContext:
     request_id: str
@@ -46,6 +57,12 @@ class RequestContext:
     # "concurrency" or "unavailable" (the shared limits could not be checked).
     limit: str | None = None
     limit_reason: str | None = None
+
+    # The attempts (``pipeline/failover.py``): how many, the label of the target that served
+    # (or last failed), and each one's outcome.
+    attempts: int = 0
+    target: str | None = None
+    tries: list[Try] = field(default_factory=list)
 
     # The exchange.
     status: int = 0

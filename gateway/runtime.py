@@ -16,6 +16,9 @@ from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
 from gateway.routing import RouteTable
+from gateway.upstream.balance import balancer
+from gateway.upstream.group import UpstreamGroup, build_group
+from gateway.upstream.health import HealthRegistry
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.targets import UpstreamTarget, build_target
 
@@ -28,7 +31,7 @@ class Runtime:
     config: GatewayConfig
     routes: RouteTable
     keys: KeyRing
-    upstreams: Mapping[str, UpstreamTarget]
+    upstreams: Mapping[str, UpstreamGroup]
     models: Mapping[str, ModelAlias]
     # Per route name: the route's own timeouts, or None to use the upstream's.
     route_timeouts: Mapping[str, Timeouts | None]
@@ -42,11 +45,14 @@ class Runtime:
     known_models: frozenset[str] = frozenset()
     admin_keys: AdminKeys = _NO_ADMIN_KEYS
 
-    def timeouts(self, route: str, upstream: UpstreamTarget) -> Timeouts:
+    def timeouts(self, route: str, upstream: UpstreamGroup) -> Timeouts:
         return self.route_timeouts.get(route) or upstream.config.timeouts
 
+    def targets(self) -> list[UpstreamTarget]:
+        return [target for group in self.upstreams.values() for target in group.targets]
+
     async def aclose(self) -> None:
-        for target in self.upstreams.values():
+        for target in self.targets():
             await target.client.aclose()
 
 
@@ -77,18 +83,35 @@ def build_runtime(
     limiter: Limiter,
     previous: Runtime | None = None,
     tables: Tables | None = None,
+    health: HealthRegistry | None = None,
 ) -> Runtime:
-    """A snapshot for ``config``. Pools of upstreams whose settings did not change are reused
-    from ``previous`` (so a reload keeps warm connections); the caller closes the rest. The
-    pools are made here, on the event loop; ``tables`` may have been built elsewhere."""
-    upstreams: dict[str, UpstreamTarget] = {}
+    """A snapshot for ``config``. Pools of targets whose upstream's settings did not change are
+    reused from ``previous`` (so a reload keeps warm connections); the caller closes the rest.
+    The pools are made here, on the event loop; ``tables`` may have been built elsewhere.
+    ``health`` keeps what is known about the targets across snapshots (the app owns it)."""
+    if health is None:
+        health = HealthRegistry()
+    upstreams: dict[str, UpstreamGroup] = {}
+    kept: set[tuple[str, str, str]] = set()
     for name, upstream in config.upstreams.items():
         old = previous.upstreams.get(name) if previous else None
-        if old is not None and old.config == upstream:
-            client = old.client
-        else:
-            client = client_factory(max_connections=upstream.max_connections)
-        upstreams[name] = build_target(name, upstream, client)
+        reusable = (
+            {t.target: t.client for t in old.targets}
+            if old is not None and old.config == upstream
+            else {}
+        )
+        checked = upstream.health_check is not None
+        targets = []
+        for target in upstream.target_list():
+            assert target.name is not None  # target_list names every target
+            client = reusable.get(target.name)
+            if client is None:
+                client = client_factory(max_connections=upstream.max_connections)
+            kept.add((name, target.name, target.base_url))
+            state = health.health(name, target.name, target.base_url, upstream.outlier, checked)
+            targets.append(build_target(name, upstream, client, target, state))
+        upstreams[name] = build_group(name, upstream, targets, balancer)
+    health.keep_only(kept)
     if tables is None:
         tables = build_tables(config, previous)
     return Runtime(
@@ -116,5 +139,5 @@ def listed_models(config: GatewayConfig) -> frozenset[str]:
 
 def retired_clients(previous: Runtime, current: Runtime) -> list[UpstreamClient]:
     """The pools of ``previous`` that ``current`` no longer uses."""
-    kept = {id(target.client) for target in current.upstreams.values()}
-    return [t.client for t in previous.upstreams.values() if id(t.client) not in kept]
+    kept = {id(target.client) for target in current.targets()}
+    return [t.client for t in previous.targets() if id(t.client) not in kept]

@@ -192,6 +192,17 @@ def _references(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
                 format_path(("models", name, "upstream")),
                 _unknown("upstream", alias.upstream, upstreams),
             )
+        for j, step in enumerate(alias.fallbacks):
+            if step.upstream not in upstreams and not skip.covers(skip.upstreams, step.upstream):
+                yield (
+                    format_path(("models", name, "fallbacks", j, "upstream")),
+                    _unknown("upstream", step.upstream, upstreams),
+                )
+        if alias.fallback_on and not alias.fallbacks:
+            yield (
+                format_path(("models", name, "fallback_on")),
+                "there is nowhere to fall back to: add 'fallbacks'",
+            )
     for i, key in enumerate(config.keys):
         for j, route_name in enumerate(key.routes):
             if (

@@ -159,6 +159,11 @@ class ServerSettings(Model):
         description="Caps on request heads, slow clients and open connections.",
     )
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
+    target_header: bool = Field(
+        True,
+        description="Name the upstream target that served each response in X-Gateway-Target "
+        "(its configured name, never its URL or key). Default true.",
+    )
     upstream_client: Literal["http1", "aiohttp"] = Field(
         "http1",
         description="The HTTP client the relay uses towards upstreams: the built-in HTTP/1.1 "

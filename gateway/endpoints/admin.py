@@ -37,6 +37,7 @@ import orjson
 from gateway import errors
 from gateway.auth import basic_password, presented_key
 from gateway.types import Receive, Scope, Send
+from gateway.upstream.targets import UpstreamTarget
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -233,17 +234,50 @@ async def _upstreams(gateway: Gateway, scope: Scope, receive: Receive) -> dict[s
     runtime = gateway.runtime()
     seen = gateway.recent.upstreams
     out = []
-    for name, target in runtime.upstreams.items():
+    now = time.monotonic()
+    for name, group in runtime.upstreams.items():
         activity = seen.get(name)
         out.append(
             {
                 "name": name,
-                "origin": upstream_origin(target.config.base_url),
-                "max_connections": target.config.max_connections,
+                "origin": upstream_origin(group.first.base_url),
+                "max_connections": group.config.max_connections,
+                "balance": group.config.balance,
+                "attempts": group.attempts,
+                "usable_targets": group.usable_targets(),
+                "targets": [target_state(target, now) for target in group.targets],
                 **(activity.as_dict() if activity is not None else {"requests": 0}),
             }
         )
     return {"upstreams": out, "pid": os.getpid(), "since": gateway.started_at}
+
+
+def target_state(target: UpstreamTarget, now: float) -> dict[str, Any]:
+    """One target as this process sees it: its origin (never its path, query or key) and its
+    health (``upstream/health.py``)."""
+    health = target.health
+    if health.active_down:
+        state = "down"
+    elif health.probation:
+        state = "ejected" if now < health.ejected_until else "probation"
+    elif now < health.rested_until:
+        state = "rested"
+    else:
+        state = "in service"
+    return {
+        "name": target.target,
+        "origin": upstream_origin(target.base_url),
+        "weight": target.weight,
+        "state": state,
+        "back_in_seconds": round(max(0.0, health.ejected_until - now), 3)
+        if health.probation
+        else None,
+        "ejections": health.ejections,
+        "ejected_total": health.ejected_total,
+        "consecutive_failures": health.consecutive_failures,
+        "failures_total": health.failures_total,
+        "outstanding": health.outstanding,
+    }
 
 
 async def _errors(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:

@@ -76,6 +76,12 @@ def access_line(context: RequestContext) -> str:
         record["model"] = context.model
         if context.upstream_model is not None:
             record["upstream_model"] = context.upstream_model
+    if context.target is not None:
+        record["target"] = context.target
+        if context.attempts > 1:
+            # Why each attempt before the last was left: "target-1:connect", "b:status_503".
+            record["attempts"] = context.attempts
+            record["retries"] = [f"{t.target}:{t.outcome}" for t in context.tries[:-1]]
     if context.upstream_seconds is not None:
         record["upstream_ms"] = round(context.upstream_seconds * 1000, 3)
     if context.tokens_in is not None or context.tokens_out is not None:

@@ -41,6 +41,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gateway.context import RequestContext
+from gateway.upstream.health import TargetHealth
 
 if TYPE_CHECKING:
     from gateway.limits import LimiterStats
@@ -164,6 +165,34 @@ class Metrics:
             ("upstream", "kind"),
             registry=registry,
         )
+        self.attempts = Counter(
+            "gateway_upstream_attempts",
+            "Attempts at upstream targets by outcome: ok (its answer was relayed), connect, "
+            "timeout, protocol, client (failed before the head), status_<code> or "
+            "fallback_<code> (answered, then retried or moved down the fallback chain).",
+            ("upstream", "target", "outcome"),
+            registry=registry,
+        )
+        self.retries = Counter(
+            "gateway_upstream_retries",
+            "Attempts after a request's first, by why the one before was left.",
+            ("upstream", "reason"),
+            registry=registry,
+        )
+        self.target_in_service = Gauge(
+            "gateway_upstream_target_in_service",
+            "1 while a target takes traffic; 0 while ejected or down by its health check "
+            "(the lowest over workers).",
+            ("upstream", "target"),
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.ejections = Counter(
+            "gateway_upstream_target_ejections",
+            "Times a target was ejected for failing (outlier detection).",
+            ("upstream", "target"),
+            registry=registry,
+        )
         self.open_streams = Gauge(
             "gateway_open_streams",
             "Event streams being relayed now.",
@@ -198,6 +227,7 @@ class Metrics:
         self._seen_reload_failures = 0
         self._known_models: Callable[[], frozenset[str]] = frozenset
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._seen_ejections: dict[tuple[str, str], int] = {}
 
     def watch_models(self, known: Callable[[], frozenset[str]]) -> None:
         """Where the current config's listed model names come from (label values)."""
@@ -223,6 +253,12 @@ class Metrics:
             child(self.upstream_ttfb, (upstream,)).observe(context.upstream_seconds)
         if context.upstream_error is not None:
             child(self.upstream_errors, (upstream, context.upstream_error)).inc()
+        tries = context.tries
+        if tries:
+            for attempt in tries:
+                child(self.attempts, (attempt.upstream, attempt.target, attempt.outcome)).inc()
+            for attempt in tries[:-1]:
+                child(self.retries, (attempt.upstream, attempt.outcome)).inc()
         if context.limit is not None:
             if context.limit_reason is not None:
                 child(self.refusals, (context.limit_reason,)).inc()
@@ -256,6 +292,16 @@ class Metrics:
 
     def stream_closed(self) -> None:
         self.open_streams.dec()
+
+    def target_state(self, targets: Iterable[TargetHealth]) -> None:
+        """Each target's health as this process sees it (read at scrape time)."""
+        for health in targets:
+            labels = (health.upstream, health.target)
+            self._child(self.target_in_service, labels).set(1 if health.in_service() else 0)
+            seen = self._seen_ejections.get(labels, 0)
+            if health.ejected_total > seen:
+                self._child(self.ejections, labels).inc(health.ejected_total - seen)
+                self._seen_ejections[labels] = health.ejected_total
 
     def limiter_state(self, stats: LimiterStats) -> None:
         """Bring the Redis counters and the breaker gauge up to ``stats``."""

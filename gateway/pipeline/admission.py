@@ -10,6 +10,7 @@ reaches the upstream for a refused request.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,19 +20,17 @@ from gateway import errors
 from gateway.context import RequestContext
 from gateway.http import body as request_body
 from gateway.http import multipart
-from gateway.http.headers import upstream_request_headers
 from gateway.limits import Plan
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
 from gateway.openai.stream_options import ask_for_stream_usage
 from gateway.openai.tokens import tokens_to_reserve
 from gateway.pipeline import model_rules
+from gateway.pipeline.dispatch import Dispatch, Rename, Step
 from gateway.pipeline.model_rules import Resolved, Rewrite
 from gateway.pipeline.relay import Settlement
 from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
 from gateway.runtime import Runtime
-from gateway.types import RawHeaders, Receive, Scope
-from gateway.upstream.seam import OutboundRequest
-from gateway.upstream.targets import UpstreamTarget
+from gateway.types import Body, RawHeaders, Receive, Scope
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -54,8 +53,7 @@ class Held:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    upstream: UpstreamTarget
-    outbound: OutboundRequest
+    dispatch: Dispatch
     settlement: Settlement | None
     rewrite: Rewrite | None
 
@@ -110,6 +108,7 @@ async def admit(
     resolved = Resolved(runtime.upstreams[route.upstream], None, None)
     document: dict[str, Any] | None = None
     rewrite: Rewrite | None = None
+    rename: Rename | None = None
     if route.model_in_body and method in _BODY_METHODS and payload:
         media = request_body.media_type(headers)
         if request_body.may_be_json(media):
@@ -126,13 +125,14 @@ async def admit(
                     # Re-serialised once, and only when a rule changed the document; otherwise
                     # the client's bytes go upstream untouched.
                     payload = orjson.dumps(document)
+                rename = functools.partial(_json_with_model, document)
         elif media == multipart.FORM_DATA:
             if (
                 not principal.all_models
                 or not runtime.config.allow_unlisted_models
                 or runtime.models
             ):
-                resolved, payload = model_rules.resolve_form_model(
+                resolved, payload, rename = model_rules.resolve_form_model(
                     runtime, principal, headers, payload, resolved.upstream
                 )
         elif not principal.all_models or not runtime.config.allow_unlisted_models:
@@ -171,20 +171,33 @@ async def admit(
         held.extra = [*held.extra, *decision.headers()]
         settlement = Settlement(runtime.limiter, decision)
 
-    outbound = OutboundRequest(
+    alias = resolved.alias
+    steps: tuple[Step, ...] = (Step(upstream),)
+    if alias is not None and alias.fallbacks:
+        model = resolved.model or ""
+        steps += tuple(
+            Step(runtime.upstreams[step.upstream], step.model or model) for step in alias.fallbacks
+        )
+    dispatch = Dispatch(
         method=method,
-        url=upstream.url(match.upstream_path, scope.get("query_string", b"")),
-        headers=upstream_request_headers(
-            headers,
-            upstream.added_headers,
-            _forwarded_for(context, upstream),
-            replaced=upstream.added_names,
-            request_id=context.request_id,
-        ),
+        path=match.upstream_path,
+        query=scope.get("query_string", b""),
+        headers=headers,
+        forwarded_for=_forwarded_for(context),
+        request_id=context.request_id,
         body=payload,
-        timeouts=runtime.timeouts(route.name, upstream),
+        body_model=resolved.renamed or resolved.model,
+        rename=rename,
+        timeouts=runtime.route_timeouts.get(route.name),
+        steps=steps,
+        fallback_on=alias.fallback_on if alias is not None else (),
+        target_header=runtime.config.server.target_header,
     )
-    return Admitted(upstream, outbound, settlement, rewrite)
+    return Admitted(dispatch, settlement, rewrite)
+
+
+def _json_with_model(document: dict[str, Any], model: str) -> Body:
+    return orjson.dumps({**document, "model": model})
 
 
 def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
@@ -198,9 +211,8 @@ def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
     return extra
 
 
-def _forwarded_for(context: RequestContext, upstream: UpstreamTarget) -> str | None:
-    if not upstream.append_forwarded_for:
-        return None
+def _forwarded_for(context: RequestContext) -> str | None:
+    """What X-Forwarded-For says to the targets that are told the client's address."""
     chain = context.forwarded_for
     if chain:
         return ", ".join(chain)

@@ -15,12 +15,14 @@ from urllib.parse import quote, unquote
 
 from gateway import errors
 from gateway.auth import Principal
+from gateway.config.upstreams import ModelAlias
 from gateway.http import multipart
 from gateway.openai import models_list
+from gateway.pipeline.dispatch import Rename
 from gateway.routing import Match
 from gateway.runtime import Runtime
 from gateway.types import Body, RawHeaders
-from gateway.upstream.targets import UpstreamTarget
+from gateway.upstream.group import UpstreamGroup
 
 # Turns the upstream's whole successful JSON body into the one sent to the client; None when
 # the body is not what it expects (see ``openai/models_list.py``).
@@ -29,13 +31,14 @@ Rewrite = Callable[[bytes], bytes | None]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Resolved:
-    upstream: UpstreamTarget
+    upstream: UpstreamGroup
     model: str | None  # the public name, as the client gave it
     renamed: str | None  # the upstream's name for it, when it differs
+    alias: ModelAlias | None = None  # its fallback chain, when it has one
 
 
 def resolve_model(
-    runtime: Runtime, principal: Principal, model: object, route_upstream: UpstreamTarget
+    runtime: Runtime, principal: Principal, model: object, route_upstream: UpstreamGroup
 ) -> Resolved:
     """Apply the key's model rule and the alias table to a body's ``model``."""
     if model is None:
@@ -52,7 +55,7 @@ def resolve_model(
         return Resolved(route_upstream, model, None)
     upstream_model = alias.model or model
     renamed = upstream_model if upstream_model != model else None
-    return Resolved(runtime.upstreams[alias.upstream], model, renamed)
+    return Resolved(runtime.upstreams[alias.upstream], model, renamed, alias)
 
 
 def resolve_form_model(
@@ -60,20 +63,29 @@ def resolve_form_model(
     principal: Principal,
     headers: RawHeaders,
     payload: Body,
-    route_upstream: UpstreamTarget,
-) -> tuple[Resolved, Body]:
+    route_upstream: UpstreamGroup,
+) -> tuple[Resolved, Body, Rename | None]:
     """The model rules for a ``multipart/form-data`` body (uploads: audio, files): its
     ``model`` field is read like a JSON body's ``model``. A form without one passes, as a JSON
     body without one does (``files.create``). A renaming alias rewrites only the field's value;
-    every other byte of the form goes upstream as the client sent it."""
+    every other byte of the form goes upstream as the client sent it. The third value writes
+    another name into the client's form (for a target or fallback that names the model its
+    own way)."""
     form_boundary = multipart.boundary(headers)
     found = multipart.find_model(payload, form_boundary)
     if found is None:
-        return Resolved(route_upstream, None, None), payload
+        return Resolved(route_upstream, None, None), payload, None
     resolved = resolve_model(runtime, principal, found.value, route_upstream)
+    rename = functools.partial(_form_with_model, payload, found, form_boundary)
     if resolved.renamed is not None:
-        payload = multipart.with_model(payload, found, resolved.renamed, form_boundary)
-    return resolved, payload
+        payload = rename(resolved.renamed)
+    return resolved, payload, rename
+
+
+def _form_with_model(
+    payload: Body, found: multipart.FormModel, form_boundary: bytes, model: str
+) -> Body:
+    return multipart.with_model(payload, found, model, form_boundary)
 
 
 def resolve_path_model(
@@ -81,7 +93,7 @@ def resolve_path_model(
     principal: Principal,
     match: Match,
     param: str,
-    route_upstream: UpstreamTarget,
+    route_upstream: UpstreamGroup,
 ) -> tuple[Resolved, Match, Rewrite | None]:
     """The model rules for a model named in the path (``GET /v1/models/{model}``).
 
@@ -109,7 +121,7 @@ def resolve_path_model(
 
 
 def model_list_rewrite(
-    runtime: Runtime, principal: Principal, upstream: UpstreamTarget
+    runtime: Runtime, principal: Principal, upstream: UpstreamGroup
 ) -> Rewrite | None:
     """How the upstream's model list is rewritten for this caller; None when it would not
     change (every model allowed, unlisted ones too, no aliases): then it is relayed raw."""

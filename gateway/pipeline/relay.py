@@ -26,18 +26,12 @@ from gateway.http.headers import downstream_response_headers
 from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter
 from gateway.openai import models_list
 from gateway.openai.usage import UsageTap, usage_tap
+from gateway.pipeline.dispatch import Dispatch
+from gateway.pipeline.failover import Answer, Unanswered, failure_kind, first_answer
 from gateway.pipeline.held_bodies import ERROR_BODY_BYTES, hold_body, masked_error_body
 from gateway.pipeline.model_rules import Rewrite
 from gateway.types import RawHeaders, Receive, Send
-from gateway.upstream.seam import (
-    OutboundRequest,
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamResponse,
-    UpstreamStreamError,
-    UpstreamTimeout,
-)
-from gateway.upstream.targets import UpstreamTarget
+from gateway.upstream.seam import UpstreamResponse, UpstreamStreamError
 
 logger = logging.getLogger("gateway.relay")
 
@@ -45,6 +39,9 @@ logger = logging.getLogger("gateway.relay")
 # answers finish sooner and never pay for a task, while a long generation is still cancelled
 # well within a second of the client leaving.
 WATCH_AFTER_SECONDS = 0.05
+
+# Names the target that served a response (``server.target_header``): its label, never its URL.
+TARGET_HEADER = b"x-gateway-target"
 
 # The representation changed: the upstream's coding, length and validator describe another one
 # (RFC 9110 §8.8.3).
@@ -109,49 +106,51 @@ async def exchange(
     context: RequestContext,
     receive: Receive,
     send: Send,
-    upstream: UpstreamTarget,
-    outbound: OutboundRequest,
+    dispatch: Dispatch,
     extra: RawHeaders,
     settlement: Settlement | None,
     rewrite: Rewrite | None = None,
     streams: StreamGauge | None = None,
     read_usage: bool = False,
 ) -> None:
-    """Send ``outbound`` to ``upstream`` and relay its answer; settle the limits however the
-    exchange ended, a client that left included. The response's token usage is read when a
-    token limit needs it to settle, or when ``read_usage`` asks (for the metrics)."""
+    """Send the request (``failover.first_answer``: retries and failover happen there, before
+    anything is relayed) and relay the answer; settle the limits once, however the exchange
+    ended, a client that left included. The response's token usage is read when a token limit
+    needs it to settle, or when ``read_usage`` asks (for the metrics)."""
     watch = _Exchange(task=asyncio.current_task())
     timer = asyncio.get_running_loop().call_later(
         WATCH_AFTER_SECONDS, watch.start_watching, receive
     )
-    response: UpstreamResponse | None = None
+    answer: Answer | None = None
     tap: UsageTap | None = None
     complete = False
     unanswered = False  # the upstream failed before its response: it used no tokens
     strip_ratelimit = settlement is not None
-    sent_at = time.perf_counter()
+    started = time.perf_counter()
     try:
         try:
-            response = await upstream.client.send(outbound)
-        except Exception as exc:
+            answer = await first_answer(dispatch, context)
+        except Unanswered as failed:
             unanswered = True
-            context.upstream_error = _failure_kind(exc)
-            if not isinstance(exc, UpstreamError):
-                # A fault in the client itself, not the upstream: still an OpenAI-shaped 502
-                # for the caller, with the traceback for the operator.
-                logger.exception(
-                    "upstream client failed for upstream '%s' (request %s)",
-                    upstream.name,
-                    context.request_id,
-                )
-            await _upstream_refusal(context.upstream_error, upstream.name).send(send, extra)
+            context.upstream_error = failure_kind(failed.error)
+            target = failed.target
+            context.upstream = target.name
+            if dispatch.target_header:
+                extra = [*extra, (TARGET_HEADER, target.label.encode("latin-1"))]
+            await _upstream_refusal(context.upstream_error, target.name).send(send, extra)
         else:
-            context.upstream_seconds = time.perf_counter() - sent_at
+            response = answer.response
+            target = answer.target
+            context.upstream = target.name
+            context.upstream_seconds = time.perf_counter() - answer.sent_at
+            if dispatch.target_header:
+                extra = [*extra, (TARGET_HEADER, target.label.encode("latin-1"))]
             if read_usage or (settlement is not None and settlement.counts_tokens):
                 tap = usage_tap(response.raw_headers)
+            secrets = answer.step.group.secrets
             if rewrite is not None and response.status == 200:
                 complete = await _relay_rewritten(
-                    context, send, response, extra, tap, rewrite, strip_ratelimit, upstream
+                    context, send, response, extra, tap, rewrite, strip_ratelimit, secrets
                 )
             else:
                 complete = await _relay(
@@ -161,8 +160,8 @@ async def exchange(
                     extra,
                     tap,
                     strip_ratelimit,
-                    upstream.secrets,
-                    sent_at,
+                    secrets,
+                    answer.sent_at,
                     streams,
                 )
     except asyncio.CancelledError:
@@ -172,24 +171,26 @@ async def exchange(
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         context.client_gone = True
     finally:
-        context.upstream_total_seconds = time.perf_counter() - sent_at
+        context.upstream_total_seconds = time.perf_counter() - started
         if context.event_stream and streams is not None:
             streams.stream_closed()
         watch.stop_watching(timer)
-        if response is not None:
+        if answer is not None:
             if complete:
-                response.release()
+                answer.response.release()
             else:
-                response.close()
+                answer.response.close()
+            answer.finish(complete, context.client_gone)
     used = _record_usage(context, tap)
     if settlement is not None and settlement.counts_tokens:
-        if used is None and (unanswered or (response is not None and response.status >= 400)):
+        if used is None and (unanswered or (answer is not None and answer.response.status >= 400)):
             # The upstream failed or refused (and reported no usage): it generated nothing, so
             # the reservation is refunded rather than kept.
             used = 0
         if used is not None:
             # Every ending gets here, a client disconnect included (docs/design.md §3); the
-            # response is already complete, so settling inline delays nobody.
+            # response is already complete, so settling inline delays nobody. Charged once
+            # per client request, however many attempts it took.
             await settlement.limiter.settle(settlement.decision, used)
 
 
@@ -291,7 +292,7 @@ async def _relay_rewritten(
     tap: UsageTap | None,
     rewrite: Rewrite,
     strip_ratelimit: bool,
-    upstream: UpstreamTarget,
+    secrets: Sequence[bytes],
 ) -> bool:
     """Send the body ``rewrite`` makes of the upstream's whole successful body (the model list
     for the caller, a model retrieved through an alias). True if the upstream's body was read
@@ -305,25 +306,26 @@ async def _relay_rewritten(
         response.raw_headers,
         extra,
         drop=RATELIMIT_HEADERS if strip_ratelimit else frozenset(),
-        secrets=upstream.secrets,
+        secrets=secrets,
     )
     limit = models_list.MAX_BODY_BYTES
     try:
         held, complete = await hold_body(response.read_chunk, tap, limit)
     except UpstreamStreamError as exc:
         context.upstream_error = "stream"
+        upstream = context.upstream or ""
         logger.warning(
             "upstream '%s' failed while its model list was read (request %s): %s",
-            upstream.name,
+            upstream,
             context.request_id,
             exc,
         )
-        await errors.upstream_failed(upstream.name).send(send, extra)
+        await errors.upstream_failed(upstream).send(send, extra)
         return False
     plain = decoded_body(b"".join(held), headers, limit) if complete else None
     body = rewrite(plain) if plain is not None else None
     if body is None:
-        await errors.unreadable_model_list(upstream.name).send(send, extra)
+        await errors.unreadable_model_list(context.upstream or "").send(send, extra)
         return complete
     headers = [(n, v) for n, v in headers if n not in _REWRITTEN_DROPS]
     headers.append((b"content-length", str(len(body)).encode("ascii")))
@@ -347,17 +349,6 @@ def _cut(context: RequestContext, exc: UpstreamStreamError, sent: int) -> bool:
         exc,
     )
     return False
-
-
-def _failure_kind(exc: Exception) -> str:
-    """What failed before the response head, for the access line and the metrics."""
-    if isinstance(exc, UpstreamTimeout):
-        return "timeout"
-    if isinstance(exc, UpstreamConnectError):
-        return "connect"
-    if isinstance(exc, UpstreamError):
-        return "protocol"
-    return "client"
 
 
 def _upstream_refusal(kind: str, upstream: str) -> errors.GatewayError:

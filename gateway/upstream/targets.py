@@ -1,24 +1,30 @@
-"""An upstream as the relay uses it: its pool, the headers and query it adds, its secrets.
+"""One target of an upstream as the relay uses it: its pool, the headers and query it adds, its
+secrets, its health.
 
-Built once per config snapshot (``gateway/runtime.py``) from the upstream's config and the pool
-the snapshot holds for it.
+Built once per config snapshot (``gateway/upstream/group.py``) from the upstream's config, the
+target's own settings over it, and the pool the snapshot holds for it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from urllib.parse import quote_plus, unquote_plus, urlencode
 
-from gateway.config.model import Upstream
+from gateway.config.model import Upstream, UpstreamAuth
+from gateway.config.resilience import OutlierPolicy
+from gateway.config.upstreams import Target
+from gateway.upstream.health import TargetHealth
 from gateway.upstream.seam import UpstreamClient
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTarget:
-    name: str
+    name: str  # the upstream's name (errors and logs say which upstream failed)
     config: Upstream
     client: UpstreamClient
+    base_url: str
     # The upstream's credentials and static headers, added after the client's are filtered.
     added_headers: tuple[tuple[str, str], ...]
     extra_query: str
@@ -31,10 +37,18 @@ class UpstreamTarget:
     # What must never reach a client (see _secrets), longest first; masked in response headers
     # and in non-streamed error bodies.
     secrets: tuple[bytes, ...] = ()
+    # The target's own name, and what X-Gateway-Target says: the upstream's name when it has a
+    # single target, "upstream/target" otherwise. Never its URL or key.
+    target: str = "default"
+    label: str = ""
+    weight: float = 1.0
+    # The upstream model name -> this target's name for it.
+    models: Mapping[str, str] = field(default_factory=dict)
+    health: TargetHealth = field(default_factory=lambda: TargetHealth("", "", OutlierPolicy()))
 
     def url(self, path: str, query_string: bytes) -> str:
         """``base_url`` + the route's upstream path + the client's query, unchanged."""
-        url = self.config.base_url + path
+        url = self.base_url + path
         query = query_string.decode("latin-1")
         if self.extra_query:
             if query:
@@ -54,13 +68,13 @@ class UpstreamTarget:
         return f"{url}?{query}" if query else url
 
 
-def _auth_headers(upstream: Upstream) -> list[tuple[str, str]]:
-    key = upstream.auth.key.get_secret_value() if upstream.auth.key else ""
-    if not key or upstream.auth.style == "none":
+def _auth_headers(auth: UpstreamAuth) -> list[tuple[str, str]]:
+    key = auth.key.get_secret_value() if auth.key else ""
+    if not key or auth.style == "none":
         return []
-    if upstream.auth.style == "bearer":
+    if auth.style == "bearer":
         return [("authorization", f"Bearer {key}")]
-    return [(upstream.auth.style, key)]
+    return [(auth.style, key)]
 
 
 # Header and query names that carry credentials: their configured values are secrets.
@@ -75,14 +89,17 @@ def _is_credential(name: str) -> bool:
     return name in _CREDENTIAL_NAMES or any(word in name for word in _CREDENTIAL_WORDS)
 
 
-def _secrets(upstream: Upstream) -> tuple[bytes, ...]:
-    """The values an upstream's response must never carry to a client: its ``auth.key`` and
-    the configured header and query values whose names carry credentials. Computed once per
-    snapshot; longest first, so a value containing another is masked whole."""
-    found: set[str] = set()
-    if upstream.auth.key is not None:
-        found.add(upstream.auth.key.get_secret_value())
-    for name, value in upstream.headers.items():
+def _secrets(
+    auth: UpstreamAuth, headers: Mapping[str, str], query: Mapping[str, str], more: Iterable[str]
+) -> tuple[bytes, ...]:
+    """The values an upstream's response must never carry to a client: its ``auth.key``, the
+    configured header and query values whose names carry credentials, and ``more`` (the egress
+    proxy's credentials). Computed once per snapshot; longest first, so a value containing
+    another is masked whole."""
+    found: set[str] = set(more)
+    if auth.key is not None:
+        found.add(auth.key.get_secret_value())
+    for name, value in headers.items():
         if not _is_credential(name):
             continue
         found.add(value)
@@ -94,7 +111,7 @@ def _secrets(upstream: Upstream) -> tuple[bytes, ...]:
         elif lowered == "cookie":
             # cookie-string = cookie-pair *( ";" SP cookie-pair ) (RFC 6265 §4.2.1)
             found.update(pair.partition("=")[2].strip() for pair in value.split(";"))
-    for name, value in upstream.query.items():
+    for name, value in query.items():
         if _is_credential(name):
             found.update((value, quote_plus(value)))  # as given, and as it is in the URL
     encoded: set[bytes] = set()
@@ -109,21 +126,42 @@ def _secrets(upstream: Upstream) -> tuple[bytes, ...]:
     return tuple(sorted(encoded, key=lambda secret: (-len(secret), secret)))
 
 
-def build_target(name: str, upstream: Upstream, client: UpstreamClient) -> UpstreamTarget:
+def build_target(
+    name: str,
+    upstream: Upstream,
+    client: UpstreamClient,
+    target: Target | None = None,
+    health: TargetHealth | None = None,
+    more_secrets: Iterable[str] = (),
+) -> UpstreamTarget:
+    """``target`` defaults to the upstream's only one (its ``base_url``)."""
+    if target is None:
+        target = upstream.target_list()[0]
+    auth = target.auth or upstream.auth
+    headers = {**upstream.headers, **target.headers}
+    query = {**upstream.query, **target.query}
     policy = upstream.forwarded_for
     if policy is None:
         # Third-party APIs (https) learn nothing about our clients; internal ones (plain http,
         # usually a cluster-local vLLM or Ollama) get the address for their own logs.
-        policy = "strip" if upstream.base_url.startswith("https://") else "append"
-    added = (*((k.lower(), v) for k, v in upstream.headers.items()), *_auth_headers(upstream))
+        policy = "strip" if target.base_url.startswith("https://") else "append"
+    added = (*((k.lower(), v) for k, v in headers.items()), *_auth_headers(auth))
+    target_name = target.name or "default"
+    single = upstream.base_url is not None
     return UpstreamTarget(
         name=name,
         config=upstream,
         client=client,
+        base_url=target.base_url,
         added_headers=added,
         added_names=frozenset(k.encode("latin-1") for k, _ in added),
-        extra_query=urlencode(upstream.query),
+        extra_query=urlencode(query),
         append_forwarded_for=policy == "append",
-        query_names=frozenset(k.lower() for k in upstream.query),
-        secrets=_secrets(upstream),
+        query_names=frozenset(k.lower() for k in query),
+        secrets=_secrets(auth, headers, query, more_secrets),
+        target=target_name,
+        label=name if single else f"{name}/{target_name}",
+        weight=target.weight,
+        models=dict(target.models),
+        health=health or TargetHealth(name, target_name, upstream.outlier),
     )

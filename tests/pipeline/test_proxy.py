@@ -192,7 +192,7 @@ async def test_an_exception_escaping_the_relay_is_a_500_with_the_request_id(
         return BrokenResponse()
 
     runtime = gateway.runtime()
-    runtime.upstreams["main"].client.send = send  # type: ignore[method-assign,assignment]
+    runtime.upstreams["main"].first.client.send = send  # type: ignore[method-assign,assignment]
     response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
     assert response.status == 500
     error = response.json()["error"]

@@ -20,7 +20,7 @@ def test_configured_query_parameters_replace_the_clients_own() -> None:
     config = runtime_for(
         Upstream(base_url="https://x.example/openai/v1", query={"api-version": "2025-04-01"})
     )
-    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
+    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"].first
     url = target.url("/chat/completions", b"api-version=1999-01-01&x=%2F&api%2Dversion=2")
     assert url == "https://x.example/openai/v1/chat/completions?x=%2F&api-version=2025-04-01"
 
@@ -41,7 +41,7 @@ def test_configured_query_values_replace_the_clients_whatever_the_case_or_encodi
     config = runtime_for(
         Upstream(base_url="https://x.example/openai/v1", query={"api-version": "2025-04-01"})
     )
-    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
+    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"].first
     url = target.url("/chat/completions", client_query)
     kept = "x=1&" if b"x=1" in client_query else ""
     assert url == f"https://x.example/openai/v1/chat/completions?{kept}api-version=2025-04-01"
@@ -49,14 +49,16 @@ def test_configured_query_values_replace_the_clients_whatever_the_case_or_encodi
 
 def test_a_configured_name_in_capitals_replaces_the_clients_lower_case_one() -> None:
     config = runtime_for(Upstream(base_url="http://x/v1", query={"API-Version": "1"}))
-    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"]
+    target = build_runtime(config, Http1Client, LocalLimiter()).upstreams["u"].first
     assert target.url("/files", b"api-version=2&a=b") == "http://x/v1/files?a=b&API-Version=1"
 
 
 def test_client_query_passes_unchanged_without_configured_parameters() -> None:
-    target = build_runtime(
-        runtime_for(Upstream(base_url="http://x/v1")), Http1Client, LocalLimiter()
-    ).upstreams["u"]
+    target = (
+        build_runtime(runtime_for(Upstream(base_url="http://x/v1")), Http1Client, LocalLimiter())
+        .upstreams["u"]
+        .first
+    )
     assert target.url("/files", b"a=1&b=%20") == "http://x/v1/files?a=1&b=%20"
     assert target.url("/files", b"") == "http://x/v1/files"
 
@@ -69,7 +71,7 @@ def test_configured_headers_and_auth_are_added_and_named_for_replacement() -> No
             "headers": {"Anthropic-Version": "2023-06-01"},
         }
     )
-    target = build_runtime(runtime_for(upstream), Http1Client, LocalLimiter()).upstreams["u"]
+    target = build_runtime(runtime_for(upstream), Http1Client, LocalLimiter()).upstreams["u"].first
     assert target.added_headers == (("anthropic-version", "2023-06-01"), ("x-api-key", "sk-ant"))
     assert target.added_names == {b"anthropic-version", b"x-api-key"}
     # Third-party https upstreams learn nothing of the client's address by default.
@@ -77,9 +79,11 @@ def test_configured_headers_and_auth_are_added_and_named_for_replacement() -> No
 
 
 def secrets_of(upstream: dict[str, object]) -> tuple[bytes, ...]:
-    target = build_runtime(
-        runtime_for(Upstream.model_validate(upstream)), Http1Client, LocalLimiter()
-    ).upstreams["u"]
+    target = (
+        build_runtime(runtime_for(Upstream.model_validate(upstream)), Http1Client, LocalLimiter())
+        .upstreams["u"]
+        .first
+    )
     return target.secrets
 
 

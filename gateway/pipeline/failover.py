@@ -1,0 +1,339 @@
+"""The attempt loop: send a request until an answer worth relaying comes back, before anything
+has gone to the client.
+
+Rules (docs/resilience.md; Envoy's router is the model):
+
+- Only what happens before the response head is retried: a connect error, a timeout before the
+  head (``retry.on_timeout``), a connection closed before the head, or a status in
+  ``retry.on_status``. Once a head is relayed, nothing is retried or hidden (``relay.py``).
+- An untried usable target is tried first, at once; a target tried again waits a jittered,
+  exponential backoff. A 429's ``Retry-After`` rests that target; when every target is out only
+  for a while, the loop waits for the first to come back if that is within the budget.
+- ``retry.attempts`` and ``retry.budget`` bound each step; a fallback chain moves to its next step
+  when a step has no usable target, has used its attempts or budget, or answered as
+  ``fallback_on`` lists.
+- When no further attempt will be made, the last answer is relayed as the upstream sent it (a
+  client sees the upstream's own 503 or 429), or the last failure becomes the gateway's 502/504.
+
+Every attempt is written to the request's context (the access line and metrics read it), and
+reported to its target's health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.context import RequestContext, Try
+from gateway.http.decoding import decoded_body
+from gateway.pipeline.dispatch import Dispatch, Step
+from gateway.pipeline.held_bodies import hold_body
+from gateway.upstream.group import UpstreamGroup
+from gateway.upstream.retry_after import retry_after_seconds
+from gateway.upstream.seam import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from gateway.upstream.targets import UpstreamTarget
+
+logger = logging.getLogger("gateway.failover")
+
+# The most of an error body read to find its error.code for ``fallback_on``.
+FALLBACK_BODY_BYTES = 64 * 1024
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Answer:
+    """An attempt's response: the one relayed, or one kept in case nothing better comes."""
+
+    response: UpstreamResponse
+    target: UpstreamTarget
+    step: Step
+    probe: bool
+    sent_at: float  # perf_counter() when this attempt was sent
+    # Its target's health was told already (an answer that was going to be retried).
+    reported: bool = False
+
+    def finish(self, complete: bool, client_gone: bool) -> None:
+        """The relay ended: tell the target's health how it went. A stream the upstream cut is
+        a failure; a client that left says nothing about the target."""
+        health = self.target.health
+        health.finished()
+        if self.reported:
+            return
+        if client_gone and not complete:
+            if self.probe:
+                health.probe_in_flight = False
+            return
+        if complete and self.response.status < 500:
+            if health.succeeded(self.probe):
+                logger.info("upstream target '%s' is back in service", self.target.label)
+        else:
+            _report_failure(self.step.group, self.target, self.probe)
+
+    def discard(self) -> None:
+        """A later attempt replaces this answer."""
+        self.response.close()
+        self.target.health.finished()
+
+
+class Unanswered(Exception):
+    """No attempt got a response: the last failure, and the target it came from."""
+
+    def __init__(self, error: UpstreamError, target: UpstreamTarget) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.target = target
+
+
+class _ClientFault(UpstreamError):
+    """A fault in the HTTP client itself, not the upstream: never retried."""
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What failed before the response head, for the access line and the metrics."""
+    if isinstance(exc, _ClientFault):
+        return "client"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamConnectError):
+        return "connect"
+    if isinstance(exc, UpstreamError):
+        return "protocol"
+    return "client"
+
+
+async def first_answer(
+    dispatch: Dispatch,
+    context: RequestContext,
+    *,
+    sleep: Sleep = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> Answer:
+    """The answer to relay; raises :class:`Unanswered` when every attempt failed before a
+    response head.
+
+    An answer that is to be retried (a 503, a 429, a ``fallback_on`` match) is kept open until
+    the next attempt is actually sent: when none is (the budget ran out, no target came back),
+    it is the one relayed, as the upstream sent it."""
+    return await _attempts(dispatch, context, sleep, clock, (rng or random).random)
+
+
+async def _attempts(
+    dispatch: Dispatch,
+    context: RequestContext,
+    sleep: Sleep,
+    clock: Callable[[], float],
+    jitter: Callable[[], float],
+) -> Answer:
+    steps = dispatch.steps
+    last: Unanswered | None = None
+    kept: Answer | None = None
+    try:
+        for index, step in enumerate(steps):
+            group = step.group
+            policy = group.retry
+            later = index + 1 < len(steps)
+            deadline = clock() + policy.budget
+            tried: list[UpstreamTarget] = []
+            while len(tried) < group.attempts:
+                now = clock()
+                target = group.choose(now, tried)
+                if target is None:
+                    back = group.next_return(now)
+                    if back is not None and back <= deadline:
+                        await sleep(back - now)  # rested or ejected only for a while
+                        continue
+                    if later or context.attempts:
+                        break  # this step cannot serve: the next one, or what was kept
+                    # Nothing tried yet and nowhere else to go: try the least bad target
+                    # rather than refuse on a health verdict that may be wrong.
+                    target = group.last_resort(now)
+                elif target in tried:
+                    wait = policy.backoff_base * 2 ** (len(tried) - 1)
+                    wait = min(policy.backoff_max, wait) * jitter()
+                    if now + wait >= deadline:
+                        break
+                    await sleep(wait)
+                tried.append(target)
+                if kept is not None:
+                    kept.discard()
+                    kept = None
+                answer, failure = await _attempt(dispatch, context, step, target, clock)
+                if failure is not None:
+                    last = failure
+                    if isinstance(failure.error, _ClientFault) or (
+                        isinstance(failure.error, UpstreamTimeout) and not policy.on_timeout
+                    ):
+                        raise failure
+                    continue
+                assert answer is not None
+                status = answer.response.status
+                if status in policy.on_status:
+                    _retrying(answer, context, f"status_{status}")
+                    kept = answer
+                    continue
+                if later and dispatch.fallback_on:
+                    moved = await _falls_back(answer, dispatch)
+                    if moved:
+                        _retrying(answer, context, f"fallback_{status}")
+                        kept = answer
+                        break
+                return answer
+    except BaseException:
+        if kept is not None:
+            kept.discard()
+        raise
+    if kept is not None:
+        return kept
+    if last is None:  # every step had attempts >= 1: something was tried
+        raise RuntimeError("a request was dispatched to no target")
+    raise last
+
+
+async def _attempt(
+    dispatch: Dispatch,
+    context: RequestContext,
+    step: Step,
+    target: UpstreamTarget,
+    clock: Callable[[], float],
+) -> tuple[Answer | None, Unanswered | None]:
+    health = target.health
+    probe = health.started(clock())
+    context.attempts += 1
+    context.target = target.label
+    outbound = dispatch.outbound(step, target)
+    sent_at = time.perf_counter()
+    try:
+        limit = step.group.retry.attempt_timeout
+        if limit is None:
+            response = await target.client.send(outbound)
+        else:
+            try:
+                async with asyncio.timeout(limit):
+                    response = await target.client.send(outbound)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"no response head within the attempt timeout of {limit:g} s"
+                ) from None
+    except Exception as exc:
+        health.finished()
+        kind = failure_kind(exc)
+        context.tries.append(Try(target.name, target.target, kind))
+        if isinstance(exc, UpstreamError):
+            _report_failure(step.group, target, probe)
+            return None, Unanswered(exc, target)
+        # A fault in the client itself, not the upstream: an OpenAI-shaped 502 for the caller,
+        # the traceback for the operator, and no retry (it would fail the same way).
+        logger.exception(
+            "upstream client failed for upstream '%s' (request %s)",
+            target.name,
+            context.request_id,
+        )
+        return None, Unanswered(_ClientFault(type(exc).__name__), target)
+    except BaseException:
+        health.finished()
+        if probe:
+            health.probe_in_flight = False
+        raise
+    context.tries.append(Try(target.name, target.target, "ok"))
+    asked = dispatch.model_for(step, target)
+    context.upstream_model = asked if asked != context.model else None
+    return Answer(response, target, step, probe, sent_at), None
+
+
+def _retrying(answer: Answer, context: RequestContext, why: str) -> None:
+    """An answer that another attempt may replace: its target's health is told now (so that
+    the next pick already avoids it), and the attempt's outcome says why."""
+    response = answer.response
+    target = answer.target
+    context.tries[-1].outcome = why
+    answer.reported = True
+    if response.status == 429:
+        wait = retry_after_seconds(response.raw_headers, time.time())
+        if wait is not None:
+            target.health.rest(wait)
+        if answer.probe:
+            target.health.probe_in_flight = False
+    elif response.status >= 500:
+        _report_failure(answer.step.group, target, answer.probe)
+    elif target.health.succeeded(answer.probe):
+        logger.info("upstream target '%s' is back in service", target.label)
+
+
+def _report_failure(group: UpstreamGroup, target: UpstreamTarget, probe: bool) -> None:
+    seconds = target.health.failed(probe, group.may_eject)
+    if seconds is not None:
+        logger.warning(
+            "upstream target '%s' ejected for %g s (%s)",
+            target.label,
+            seconds,
+            "its probe failed" if probe else "failures in a row",
+        )
+
+
+async def _falls_back(answer: Answer, dispatch: Dispatch) -> bool:
+    """Does ``answer`` move the request down its chain (``fallback_on``)? Whatever of its body
+    was read to decide is put back in front, in case it is relayed after all."""
+    response = answer.response
+    status = response.status
+    rules = [rule for rule in dispatch.fallback_on if rule.status == status]
+    if not rules:
+        return False
+    if any(rule.code is None for rule in rules):
+        return True
+    held, complete = await hold_body(response.read_chunk, None, FALLBACK_BODY_BYTES)
+    answer.response = _Replayed(response, held, complete)
+    code = _error_code(b"".join(held), response.raw_headers) if complete else None
+    return code is not None and any(rule.code == code for rule in rules)
+
+
+def _error_code(body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    plain = decoded_body(body, list(headers), FALLBACK_BODY_BYTES)
+    if plain is None:
+        return None
+    try:
+        document = orjson.loads(plain)
+    except orjson.JSONDecodeError:
+        return None
+    error = document.get("error") if isinstance(document, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+class _Replayed:
+    """A response whose first chunks were already read: they are read again first."""
+
+    def __init__(self, inner: UpstreamResponse, held: list[bytes], complete: bool) -> None:
+        self._inner = inner
+        self._held = held
+        self._complete = complete
+        self.status = inner.status
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._inner.raw_headers
+
+    async def read_chunk(self) -> bytes:
+        if self._held:
+            return self._held.pop(0)
+        if self._complete:
+            return b""
+        return await self._inner.read_chunk()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def release(self) -> None:
+        self._inner.release()
