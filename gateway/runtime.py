@@ -8,6 +8,7 @@ handed down explicitly: nothing lives in module globals.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,10 +18,12 @@ from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
 from gateway.routing import RouteTable
 from gateway.upstream.balance import balancer
+from gateway.upstream.egress import proxy_for, proxy_secrets
 from gateway.upstream.group import UpstreamGroup, build_group
 from gateway.upstream.health import HealthRegistry
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.targets import UpstreamTarget, build_target
+from gateway.upstream.tls import client_ssl_context
 
 # The admin API is off: no admin key opens it.
 _NO_ADMIN_KEYS = AdminKeys({})
@@ -101,15 +104,23 @@ def build_runtime(
             else {}
         )
         checked = upstream.health_check is not None
+        # Once per upstream and load: it reads the files (and warns about verify: false).
+        tls = client_ssl_context(upstream.tls, upstream=name) if not reusable else None
         targets = []
         for target in upstream.target_list():
             assert target.name is not None  # target_list names every target
+            # Checked at load (config/checks.py): a bad proxy setting never gets this far.
+            proxy = proxy_for(target.base_url, upstream.proxy, os.environ)
             client = reusable.get(target.name)
             if client is None:
-                client = client_factory(max_connections=upstream.max_connections)
+                client = client_factory(
+                    max_connections=upstream.max_connections, tls=tls, proxy=proxy
+                )
             kept.add((name, target.name, target.base_url))
             state = health.health(name, target.name, target.base_url, upstream.outlier, checked)
-            targets.append(build_target(name, upstream, client, target, state))
+            targets.append(
+                build_target(name, upstream, client, target, state, proxy_secrets(proxy))
+            )
         upstreams[name] = build_group(name, upstream, targets, balancer)
     health.keep_only(kept)
     if tables is None:

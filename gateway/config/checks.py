@@ -12,6 +12,7 @@ A key path reads like ``routes[3].aliases[0].path`` or ``models["gpt-4.1"].upstr
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from gateway.config.model import GatewayConfig
 from gateway.config.routes import Route
 from gateway.config.templates import segment_param
+from gateway.upstream.egress import proxy_for
+from gateway.upstream.tls import tls_problem
 
 KeyPath = tuple[str | int, ...]
 Problem = tuple[str, str]
@@ -107,7 +110,23 @@ def check_config(
         *_references(config, skip),
         *_limits(config, skip),
         *_route_table(config, cite, skip),
+        *_egress(config),
     ]
+
+
+def _egress(config: GatewayConfig) -> Iterator[Problem]:
+    """The files a TLS setting names, and each target's egress proxy (from the environment
+    too): found at load, with their place, rather than as a 502 on the first request."""
+    for name, upstream in config.upstreams.items():
+        problem = tls_problem(upstream.tls)
+        if problem is not None:
+            yield format_path(("upstreams", name, "tls")), problem
+        for target in upstream.target_list():
+            try:
+                proxy_for(target.base_url, upstream.proxy, os.environ)
+            except ValueError as exc:
+                yield format_path(("upstreams", name, "proxy")), str(exc)
+                break
 
 
 @dataclass(frozen=True)

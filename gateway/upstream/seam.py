@@ -15,12 +15,16 @@ Exceptions, as a tree (after httpx's ``_exceptions.py``)::
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.config.model import Timeouts
 from gateway.types import Body
+
+if TYPE_CHECKING:
+    from gateway.upstream.egress import EgressProxy
 
 
 class UpstreamError(Exception):
@@ -84,4 +88,14 @@ class UpstreamClient(Protocol):
 
 
 class ClientFactory(Protocol):
-    def __call__(self, *, max_connections: int) -> UpstreamClient: ...
+    def __call__(
+        self,
+        *,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+        proxy: EgressProxy | None = None,
+    ) -> UpstreamClient:
+        """A pool of ``max_connections`` for one target. ``tls``: the upstream's context for
+        https (``gateway/upstream/tls.py``; None keeps the client's default one). ``proxy``: the
+        egress proxy its connections go through (``gateway/upstream/egress.py``; None: direct)."""
+        ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import orjson
 from gateway.app import Gateway
 from gateway.config.loader import parse_config_text
 from gateway.types import ASGIApp, Message
+from gateway.upstream.egress import EgressProxy
 from gateway.upstream.seam import OutboundRequest, UpstreamClient, UpstreamStreamError
 
 
@@ -35,6 +37,8 @@ class Scripted:
     cut_after: int | None = None
     fault: BaseException | None = None
     chunk_delay: float = 0.0
+    # Seconds before the head (or the fault) comes: an upstream that thinks, or hangs.
+    head_delay: float = 0.0
 
 
 def json_answer(document: object, status: int = 200) -> Scripted:
@@ -88,7 +92,13 @@ class StandInUpstream:
     requests: list[OutboundRequest] = field(default_factory=list)
     responses: list[StandInResponse] = field(default_factory=list)
 
-    def factory(self, *, max_connections: int) -> UpstreamClient:
+    def factory(
+        self,
+        *,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+        proxy: EgressProxy | None = None,
+    ) -> UpstreamClient:
         return _Pool(self)
 
 
@@ -99,6 +109,8 @@ class _Pool:
     async def send(self, request: OutboundRequest) -> StandInResponse:
         self._upstream.requests.append(request)
         scripted = self._upstream.respond(request)
+        if scripted.head_delay:
+            await asyncio.sleep(scripted.head_delay)
         if scripted.fault is not None:
             raise scripted.fault
         response = StandInResponse(scripted)

@@ -58,7 +58,8 @@ def test_after_the_ejection_one_request_probes_and_others_stay_away() -> None:
     assert not target.usable(clock.now)  # one probe at a time
     target.finished()
     assert target.succeeded(probe=True) is True
-    assert target.usable(clock.now) and not target.probation
+    assert target.usable(clock.now)
+    assert not target.probation
 
 
 def test_a_failed_probe_ejects_again_at_once_and_for_longer_up_to_the_maximum() -> None:
@@ -90,7 +91,8 @@ def test_a_rest_keeps_traffic_away_for_retry_after_and_is_not_a_failure() -> Non
     target.rest(2)
     assert not target.usable(clock.now)
     assert target.returns_at(clock.now) == clock.now + 2
-    assert target.consecutive_failures == 0 and target.in_service()
+    assert target.consecutive_failures == 0
+    assert target.in_service()
     clock.now += 2
     assert target.usable(clock.now)
 
@@ -110,7 +112,8 @@ def test_a_target_marked_down_is_not_usable_and_not_in_service() -> None:
     clock = Clock()
     target = health(clock, checked=True)
     target.checked(False)
-    assert not target.usable(clock.now) and not target.in_service()
+    assert not target.usable(clock.now)
+    assert not target.in_service()
     target.checked(True)
     assert target.usable(clock.now)
 
@@ -119,7 +122,8 @@ def test_an_adopted_ejection_is_released_when_its_replica_says_so() -> None:
     clock = Clock()
     target = health(clock)
     target.adopt(5, 2)
-    assert not target.usable(clock.now) and target.ejections == 2
+    assert not target.usable(clock.now)
+    assert target.ejections == 2
     target.released()
     assert target.usable(clock.now)
 

@@ -4,11 +4,17 @@ Chosen by measurement (docs/design.md §5): an aiohttp client writing ASGI messa
 non-streaming requests/s on one core against ~400 for httpx's own pool (encode/httpx#3215).
 ``auto_decompress=False`` keeps the body as the upstream encoded it, so the relay forwards raw
 bytes with their ``Content-Encoding``.
+
+An upstream's own TLS context goes to the connector (``ssl=``). An egress proxy goes with each
+request (``proxy=``): aiohttp tunnels an https target through CONNECT (RFC 9110 §9.3.6) with
+``proxy_headers``, and sends an http target's requests to the proxy in absolute-form (RFC 9112
+§3.2.2) without them: such a request gets its ``Proxy-Authorization`` here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
 
 import aiohttp
@@ -17,6 +23,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from yarl import URL
 
 from gateway.config.model import Timeouts
+from gateway.upstream.egress import EgressProxy
 from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
@@ -25,6 +32,7 @@ from gateway.upstream.seam import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from gateway.upstream.transports.tunnel import proxy_refused
 
 # aiohttp adds these on its own unless told not to; the relay sends the client's own values (or
 # none), so what the upstream sees is what the client sent.
@@ -146,9 +154,17 @@ def _describe(exc: BaseException) -> str:
 class AiohttpClient:
     """One ``ClientSession`` (one pool) per upstream."""
 
-    def __init__(self, *, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+        proxy: EgressProxy | None = None,
+    ) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=max_connections, ttl_dns_cache=60, ssl=True if tls is None else tls
+            ),
             auto_decompress=False,
             # Never share cookies between the gateway's clients.
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -161,6 +177,14 @@ class AiohttpClient:
         self._in_flight = 0
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
+        self._proxy: URL | None = None
+        self._proxy_authorization: str | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy is not None:
+            self._proxy = URL.build(scheme="http", host=proxy.host, port=proxy.port)
+            if proxy.authorization is not None:
+                self._proxy_authorization = proxy.authorization
+                self._proxy_headers = {"Proxy-Authorization": proxy.authorization}
 
     def _timeout(self, timeouts: Timeouts) -> aiohttp.ClientTimeout:
         timeout = self._timeouts.get(timeouts)
@@ -179,17 +203,25 @@ class AiohttpClient:
         return timeout
 
     async def send(self, request: OutboundRequest) -> UpstreamResponse:
+        headers = request.headers
+        forwarded = self._proxy is not None and request.url.startswith("http:")
+        if forwarded and self._proxy_authorization is not None:
+            headers = (*headers, ("Proxy-Authorization", self._proxy_authorization))
         try:
             response = await self._session.request(
                 request.method,
                 URL(request.url, encoded=True),
-                headers=request.headers,
+                headers=headers,
                 data=request.body or None,
                 allow_redirects=False,
                 timeout=self._timeout(request.timeouts),
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
             )
         except (TimeoutError, aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError):
             raise UpstreamTimeout("timeout") from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise proxy_refused(exc.status) from None
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(_describe(exc)) from None
         except aiohttp.ClientError as exc:
@@ -200,6 +232,10 @@ class AiohttpClient:
             # what follows on the connection is not HTTP.
             response.close()
             raise UpstreamProtocolError("unexpected 101 Switching Protocols")
+        if response.status == 407 and forwarded:
+            # RFC 9110 §15.5.8: only a proxy answers 407; the request never reached the upstream.
+            response.close()
+            raise proxy_refused(407)
         self._in_flight += 1
         closed = _until_close(response)
         if closed is not None:

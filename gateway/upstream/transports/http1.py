@@ -13,6 +13,12 @@ the body was read to its end. An idempotent request (or one with an ``Idempotenc
 fails on a reused connection before any byte of the response came back is sent once more on a
 new connection: the upstream closed the idle connection as we wrote (the race every keep-alive
 client has; RFC 9112 §9.3.1). Other requests get a 502, which the openai SDK retries itself.
+
+An upstream's own TLS context (its CAs, a client certificate) replaces the default one, built
+once per client. Through an egress proxy, an https target gets a CONNECT tunnel and TLS inside
+it (``tunnel.py``); an http target gets its requests in absolute-form on connections to the
+proxy. Either way the pool is keyed by the target, as without a proxy; the direct path pays one
+attribute test per request and per connect for it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Final, cast
 
 import httptools
 
+from gateway.upstream.egress import EgressProxy
 from gateway.upstream.seam import (
     OutboundRequest,
     UpstreamConnectError,
@@ -34,6 +41,7 @@ from gateway.upstream.seam import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from gateway.upstream.transports.tunnel import connect_through, proxy_refused, to_proxy
 
 # Stop reading from the upstream while this much body waits for a slow client (back-pressure);
 # resume once the relay has taken it.
@@ -325,16 +333,26 @@ def _head(method: str, target: str, authority: str, request: OutboundRequest) ->
 class Http1Client:
     """One pool of keep-alive connections for one upstream, created in the lifespan."""
 
-    def __init__(self, *, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+        proxy: EgressProxy | None = None,
+    ) -> None:
         self._limit = max_connections
         self._open = 0
         self._idle: dict[_Key, collections.deque[_Connection]] = {}
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = tls  # None: the default context, made at the first https connect
+        self._proxy = proxy
         self._closed = False
 
     async def send(self, request: OutboundRequest) -> UpstreamResponse:
         key, authority, target = _split_url(request.url)
+        forwarded = self._proxy is not None and key[0] == "http"
+        if forwarded:
+            request, target = to_proxy(request, authority, target, self._proxy)
         head = _head(request.method, target, authority, request)
         timeouts = request.timeouts
         # A request that died with its reused connection is sent again only when sending it
@@ -359,6 +377,11 @@ class Http1Client:
             except BaseException:
                 connection.abort()
                 raise
+            if connection.status == 407 and forwarded:
+                # RFC 9110 §15.5.8: only a proxy answers 407; the request never reached the
+                # upstream, as when a proxy refuses a CONNECT.
+                connection.abort()
+                raise proxy_refused(407)
             return Http1Response(self, connection, timeouts.read)
         raise UpstreamProtocolError("connection closed")
 
@@ -410,10 +433,14 @@ class Http1Client:
         connection = _Connection(self, key)
         self._open += 1
         try:
+            # One deadline for all of it: TCP, and with a proxy the CONNECT and TLS over it.
             async with asyncio.timeout(seconds):
-                await asyncio.get_running_loop().create_connection(
-                    lambda: connection, host, port, ssl=context
-                )
+                if self._proxy is None:
+                    await asyncio.get_running_loop().create_connection(
+                        lambda: connection, host, port, ssl=context
+                    )
+                else:
+                    await connect_through(self._proxy, connection, host, port, context)
         except BaseException as exc:
             # Every failure (a cancelled request included) gives its place back to the pool
             # and lets a request waiting for it try.
@@ -425,7 +452,8 @@ class Http1Client:
             if isinstance(exc, TimeoutError):
                 raise UpstreamTimeout("connect timeout") from None
             if isinstance(exc, OSError | ssl.SSLError):
-                raise UpstreamConnectError(type(exc).__name__) from None
+                through = " (through the egress proxy)" if self._proxy is not None else ""
+                raise UpstreamConnectError(type(exc).__name__ + through) from None
             raise
         return connection
 
