@@ -14,8 +14,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.auth import hash_key
-from gateway.config.loader import parse_config_text
 from gateway.config.errors import ConfigError
+from gateway.config.loader import parse_config_text
 from tests.support.connectproxy import ConnectProxy
 from tests.support.rawserver import answering
 from tests.support.standin import call
