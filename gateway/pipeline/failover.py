@@ -152,8 +152,11 @@ async def _attempts(
                 target = group.choose(now, tried)
                 if target is None:
                     back = group.next_return(now)
-                    if back is not None and back <= deadline:
-                        await sleep(back - now)  # rested or ejected only for a while
+                    # Wait for a target that is out only for a while (a 429's Retry-After)
+                    # when the step may retry at all: an upstream configured for one attempt
+                    # (a single base_url, by default) never delays a request.
+                    if back is not None and back <= deadline and group.attempts > 1:
+                        await sleep(back - now)
                         continue
                     if later or context.attempts:
                         break  # this step cannot serve: the next one, or what was kept

@@ -318,3 +318,51 @@ async def test_the_target_header_can_be_turned_off() -> None:
         response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
     assert response.status == 200
     assert "x-gateway-target" not in response.headers
+
+
+async def test_a_single_base_url_never_waits_for_its_own_retry_after() -> None:
+    def busy() -> Scripted:
+        return Scripted(429, ((b"retry-after", b"30"),), (b"{}",))
+
+    upstream = by_host(a=busy)
+    yaml = '  main:\n    base_url: "http://a.test/v1"\n'
+    async with in_process_gateway(config(yaml), upstream) as gateway:
+        started = time.monotonic()
+        for _ in range(3):
+            response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+            assert response.status == 429
+        assert time.monotonic() - started < 1.0
+    assert len(upstream.requests) == 3  # relayed every time, as without the gateway
+
+
+async def test_with_retries_a_single_target_s_retry_after_is_waited_within_the_budget() -> None:
+    def busy_then_ok() -> Scripted:
+        if len(upstream.requests) == 1:
+            return Scripted(429, ((b"retry-after-ms", b"200"),), (b"{}",))
+        return ok()
+
+    upstream = by_host(a=busy_then_ok)
+    yaml = '  main:\n    base_url: "http://a.test/v1"\n    retry: {attempts: 2, budget: 5}\n'
+    async with in_process_gateway(config(yaml), upstream) as gateway:
+        started = time.monotonic()
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+        elapsed = time.monotonic() - started
+    assert response.status == 200
+    assert 0.2 <= elapsed < 1.0
+
+
+async def test_a_retry_after_beyond_the_budget_is_not_waited_and_the_429_is_relayed() -> None:
+    def busy() -> Scripted:
+        return Scripted(429, ((b"retry-after", b"10"),), (b'{"error": "slow down"}',))
+
+    upstream = by_host(a=busy)
+    yaml = '  main:\n    base_url: "http://a.test/v1"\n    retry: {attempts: 3, budget: 2}\n'
+    async with in_process_gateway(config(yaml), upstream) as gateway:
+        started = time.monotonic()
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+        elapsed = time.monotonic() - started
+    assert response.status == 429
+    assert response.body == b'{"error": "slow down"}'
+    assert response.headers["retry-after"] == "10"
+    assert elapsed < 0.5
+    assert len(upstream.requests) == 1
