@@ -13,7 +13,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.auth import hash_key
 from gateway.config.loader import load_config_files
-from gateway.upstream.seam import UpstreamConnectError
+from gateway.upstream.seam import OutboundRequest, UpstreamConnectError
 from tests.support.standin import (
     Recorded,
     Scripted,
@@ -190,6 +190,42 @@ async def test_upstreams_show_origin_and_health_never_the_url_path(
     assert main["failures"] == 1
     assert main["last_error"] == "connect"
     assert main["time_to_first_byte_ms"]["samples"] == 1
+
+
+TARGETS = CONFIG.replace(
+    """    base_url: "https://api.upstream.test:8443/v1"
+""",
+    """    targets:
+      - {name: east, base_url: "https://east.upstream.test/v1/deployments"}
+      - {name: west, base_url: "https://west.upstream.test:9443/v1", weight: 2}
+    outlier: {consecutive_failures: 1, base_ejection: 60}
+""",
+)
+
+
+async def test_upstreams_show_each_target_s_state_by_name_and_origin_only(
+    upstream: StandInUpstream,
+) -> None:
+    def east_refuses(request: OutboundRequest) -> Scripted:
+        if "east." in request.url:
+            return Scripted(fault=UpstreamConnectError("refused"))
+        return json_answer({})
+
+    upstream.respond = east_refuses
+    async with in_process_gateway(TARGETS, upstream) as gateway:
+        for _ in range(10):
+            await call(gateway, "POST", "/v1/chat/completions", headers=CLIENT, body=CHAT)
+        body = (await admin(gateway, "upstreams")).body.decode()
+    main = orjson.loads(body)["upstreams"][0]
+    assert main["usable_targets"] == 1
+    east, west = main["targets"]
+    assert (east["name"], east["state"], east["ejections"]) == ("east", "ejected", 1)
+    assert 0 < east["back_in_seconds"] <= 60
+    assert east["origin"] == "https://east.upstream.test"
+    assert (west["name"], west["state"], west["weight"]) == ("west", "in service", 2.0)
+    assert west["origin"] == "https://west.upstream.test:9443"
+    assert "/deployments" not in body
+    assert_nothing_secret(body)
 
 
 async def test_errors_list_the_last_failed_requests_by_id(

@@ -159,6 +159,8 @@ def _check_page(
         assert "fake" in fake_row
         assert upstream.base_url.rsplit("/", 1)[0] in fake_row  # its origin, no path
         assert text('#upstreams tr[data-upstream="fake"] .state') == "ok"
+        # Its one target, in service (docs/resilience.md).
+        assert text('#upstreams tr[data-upstream="fake"] .targets') == "default: in service"
         assert text('#upstreams tr[data-upstream="fake"] .requests') == "2"
         assert re.search(r"\d+(\.\d+)? ms", fake_row), fake_row  # TTFB p50/p99
         assert text('#upstreams tr[data-upstream="down"] .state') == "failing"
