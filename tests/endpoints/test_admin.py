@@ -200,7 +200,7 @@ TARGETS = CONFIG.replace(
       - {name: west, base_url: "https://west.upstream.test:9443/v1", weight: 2}
     outlier: {consecutive_failures: 1, base_ejection: 60}
 """,
-)
+).replace("limits: {requests_per_minute: 60, tokens_per_minute: 10000}", "limits: {}")
 
 
 async def test_upstreams_show_each_target_s_state_by_name_and_origin_only(
