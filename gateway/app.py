@@ -33,7 +33,7 @@ from gateway.endpoints.admin import AdminApi, redact
 from gateway.endpoints.openapi import openapi_document
 from gateway.http.body import BodyBudget
 from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
-from gateway.limits import Limiter, LimiterStats, build_limiter
+from gateway.limits import Limiter, LimiterStats, RedisLimiter, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.observability.access_log import AccessLog, BufferedLines
 from gateway.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -47,6 +47,8 @@ from gateway.runtime import Runtime, build_runtime, build_tables, retired_client
 from gateway.server.stats import ConnectionStats
 from gateway.types import ASGIApp, Receive, Scope, Send
 from gateway.upstream.health import HealthRegistry
+from gateway.upstream.health_checks import HealthChecker
+from gateway.upstream.health_sync import HealthSync
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.transports.aiohttp import AiohttpClient
 from gateway.upstream.transports.http1 import Http1Client
@@ -98,6 +100,9 @@ class Gateway:
         self.concurrency = ConcurrencyLimiter()
         # What this process knows of every upstream target's health; outlives reloads.
         self.target_health = HealthRegistry()
+        # Active health checks, and ejections shared through Redis: started in the lifespan.
+        self.health_checks = HealthChecker()
+        self.health_sync: HealthSync | None = None
         self.body_budget = BodyBudget(
             config.server.max_buffered_body_bytes, config.server.body_buffer_wait
         )
@@ -230,6 +235,10 @@ class Gateway:
         self._runtime = build_runtime(
             config, self.client_factory, self.limiter, health=self.target_health
         )
+        self.health_checks.start(self._runtime)
+        if isinstance(self.limiter, RedisLimiter):
+            self.health_sync = HealthSync(self.limiter, self.current_runtime)
+            self.health_sync.start()
         self.config_loaded_at = time.time()
         if self._config_files:
             self.reloader = ConfigReloader(
@@ -245,6 +254,10 @@ class Gateway:
     async def shutdown(self) -> None:
         if self.reloader is not None:
             await self.reloader.stop()
+        # Before the pools and the Redis client they use are closed.
+        await self.health_checks.stop()
+        if self.health_sync is not None:
+            await self.health_sync.stop()
         for task in list(self._retiring):
             task.cancel()
         runtime, self._runtime = self._runtime, None
@@ -265,6 +278,7 @@ class Gateway:
             config, self.client_factory, previous.limiter, previous, tables, self.target_health
         )
         self._runtime = current
+        self.health_checks.follow(current)
         self.config_loaded_at = time.time()
         retired = retired_clients(previous, current)
         if retired:

@@ -159,6 +159,14 @@ class ServerSettings(Model):
         description="Caps on request heads, slow clients and open connections.",
     )
     access_log: bool = Field(True, description="One JSON line per request on stderr.")
+    unready_without_targets: bool = Field(
+        False,
+        description="/readyz answers 503 no_usable_target while an upstream that routes, "
+        "models or fallbacks reach has no usable target (all ejected or down by their health "
+        "checks). Off by default: an upstream down for every replica would take every replica "
+        "out of its load balancer at once, routes to healthy upstreams too. Turn it on where "
+        "replicas differ in what they reach (an egress per zone). Default false.",
+    )
     target_header: bool = Field(
         True,
         description="Name the upstream target that served each response in X-Gateway-Target "

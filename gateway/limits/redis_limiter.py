@@ -267,6 +267,13 @@ class RedisLimiter:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def execute(self, *args: str | int) -> Any:
+        """One command on the limiter's client, under its timeout, for the gateway's other
+        shared state (``upstream/health_sync.py``). Neither the breaker nor the limiter's
+        counters see it: how Redis serves that state must not change how requests are
+        limited. Raises what ``_execute`` raises (``_FAILURES`` when Redis fails)."""
+        return await self._execute(args)
+
     async def _call(self, command: tuple[str, ...], last: int) -> Any:
         if self._evalsha:
             try:

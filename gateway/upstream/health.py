@@ -55,9 +55,13 @@ class TargetHealth:
     outstanding: int = 0  # requests in flight (least_outstanding)
     healthy_since: float = field(default=0.0)
 
-    # Counters for the admin API and metrics.
+    # Counters for the admin API and metrics. ``ejected_total`` counts this process's own
+    # ejections (never adopted ones), ``recoveries`` the probations this process ended itself (a
+    # probe or a check passed; not another replica's release): the Redis sync
+    # (``upstream/health_sync.py``) shares an ejection, or withdraws it, when they move.
     ejected_total: int = 0
     failures_total: int = 0
+    recoveries: int = 0
 
     def usable(self, now: float) -> bool:
         """May a request be sent here now (as a probe, when it is on probation)?"""
@@ -103,6 +107,7 @@ class TargetHealth:
         if probe:
             self.probe_in_flight = False
         if self.probation and probe:
+            self.recoveries += 1
             self._back_in(now)
             return True
         if (
@@ -141,9 +146,15 @@ class TargetHealth:
         """An active check's verdict (after its thresholds); True if it ended a probation."""
         self.active_down = not healthy
         if healthy and self.probation and self.clock() >= self.ejected_until:
+            self.recoveries += 1
             self._back_in(self.clock())
             return True
         return False
+
+    def unchecked(self) -> None:
+        """The upstream's active check was removed (a reload): its last verdict no longer
+        holds, and nothing would ever lift it."""
+        self.active_down = False
 
     def adopt(self, remaining: float, ejections: int) -> None:
         """Another replica ejected this target for ``remaining`` more seconds."""
