@@ -3,7 +3,7 @@
 ``/healthz`` (also ``/health``, ``/live``) says the process answers; ``/readyz`` (also
 ``/ready``) says it should get traffic: a config loaded, pools up, not draining, and, when
 ``server.unready_without_targets`` asks, every upstream that traffic can reach with a usable
-target (``no_usable_target`` otherwise: all of its targets ejected or down by active checks).
+target (``no_usable_target`` otherwise: all its targets ejected or down by active checks).
 Their bodies carry a status word and nothing else: anyone may call them, and counts,
 generations, error classes or upstream names there tell an outsider about the deployment. The detail is ``health_detail``, behind an admin key
 (``GET /admin/health``).
