@@ -5,8 +5,8 @@
 ``server.unready_without_targets`` asks, every upstream that traffic can reach with a usable
 target (``no_usable_target`` otherwise: all its targets ejected or down by active checks).
 Their bodies carry a status word and nothing else: anyone may call them, and counts,
-generations, error classes or upstream names there tell an outsider about the deployment. The detail is ``health_detail``, behind an admin key
-(``GET /admin/health``).
+generations, error classes or upstream names there tell an outsider about the deployment. The
+detail is ``health_detail``, behind an admin key (``GET /admin/health``).
 """
 
 from __future__ import annotations
