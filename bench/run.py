@@ -2,8 +2,9 @@
 
 How to run (from anywhere; needs ``wrk`` and ``taskset`` on PATH, the gateway installed)::
 
-    python bench/run.py            # the full run, about 2.5 minutes
-    python bench/run.py --quick    # shorter measurements, about 40 s
+    python bench/run.py               # the full run, about 4 minutes
+    python bench/run.py --quick       # shorter measurements, about 50 s
+    python bench/run.py --failover    # only the failover rows (6.), ~75 s (with --quick: ~10 s)
 
 It prints a table and writes ``bench/results/latest.json`` (git-ignored). The run is one process
 tree: the system under test (the gateway, or the bare app) is pinned to CPU 0; the fake upstream
@@ -49,6 +50,15 @@ What each figure means:
 5. **Memory**: the gateway's RSS when idle (after start-up, and again after the run), and its
    peak RSS (VmHWM, reset just before) while 1,000 slow streams (10 events 500 ms apart) are
    open at once. Target < 150 MB.
+6. **Failover**: non-streaming req/s and p99 at 64 connections through three gateways, each
+   with one upstream: ``single_base_url`` (the baseline), ``three_targets_healthy`` (three
+   targets, all on the one fake upstream, so only the gateway's own cost differs) and
+   ``three_targets_one_dead`` (the third target a port that refuses connections, ejected at its
+   third failure in a row during the warm-up and kept out for the run). Each is measured after
+   its own warm-up, in rounds that alternate the three (the median of the rounds is reported).
+   Targets: three healthy targets cost under 5% of req/s over a single ``base_url``; with one
+   dead, req/s and p99 stay within 10% of all healthy. (``--failover`` writes
+   ``bench/results/failover.json``.)
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,10 +115,13 @@ class Plan:
     warmup: int  # each wrk warm-up, same connections, discarded
     paced_seconds: float
     variants: bool  # also the non-streaming rows of VARIANTS
+    failover_rounds: int  # rounds of the failover rows, each round every one of them once
 
 
-FULL = Plan(seconds=10, warmup=2, paced_seconds=5.0, variants=True)
-QUICK = Plan(seconds=2, warmup=1, paced_seconds=1.5, variants=False)
+FULL = Plan(seconds=10, warmup=2, paced_seconds=5.0, variants=True, failover_rounds=2)
+QUICK = Plan(seconds=2, warmup=1, paced_seconds=1.5, variants=False, failover_rounds=1)
+# The failover rows: one upstream each, of one base_url or of three targets (section 6).
+FAILOVER_VARIANTS = ("single_base_url", "three_targets_healthy", "three_targets_one_dead")
 # One thing changed from the gateway as measured: (result name, access log, where the limits
 # are kept: "local" in the process, "redis", or None for no limits, metrics on).
 Limits = str | None
@@ -186,17 +200,19 @@ def gateway_config(
     limits: Limits,
     redis_url: str | None = None,
     metrics: bool = True,
+    upstream_entry: dict[str, object] | None = None,
 ) -> None:
-    """``limits``: "local" (in the process), "redis" (at ``redis_url``) or None."""
+    """``limits``: "local" (in the process), "redis" (at ``redis_url``) or None.
+    ``upstream_entry``: the upstream's config (default: the fake upstream's ``base_url``)."""
     from gateway.auth import hash_key
 
+    if upstream_entry is None:
+        upstream_entry = {"base_url": upstream.url("/v1"), "auth": {"style": "none"}}
     config: dict[str, object] = {
         # No drain delay: each measurement stops its gateway at once.
         "server": {"host": "127.0.0.1", "access_log": access_log, "drain_delay": 0},
         "metrics": {"enabled": metrics},
-        "upstreams": {
-            "fake": {"base_url": upstream.url("/v1"), "auth": {"style": "none"}},
-        },
+        "upstreams": {"fake": upstream_entry},
         "routes": [{"name": "chat", "path": CHAT, "upstream": "fake"}],
         "allow_unlisted_models": True,
         "keys": [{"name": "bench", "hash": hash_key(KEY)}],
@@ -269,6 +285,33 @@ def start_redis(work: Path) -> Iterator[Server]:
         "redis", argv, cpu=LOAD_CPU, port=port, log=work / "redis.log", ready=_redis_answers
     ) as server:
         yield server
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port bound but never listening: a connection to it is refused at once (a host that is
+    up, its server down), and nothing else can take the port while the benchmark holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+def failover_upstream(variant: str, upstream: Server, dead_port: int) -> dict[str, object]:
+    """The upstream of a failover row: the fake's ``base_url``, or three targets on it."""
+    base_url = upstream.url("/v1")
+    if variant == "single_base_url":
+        return {"base_url": base_url, "auth": {"style": "none"}}
+    targets: list[dict[str, object]] = [{"name": n, "base_url": base_url} for n in ("a", "b", "c")]
+    if variant == "three_targets_one_dead":
+        targets[2]["base_url"] = f"http://127.0.0.1:{dead_port}/v1"
+    return {
+        "targets": targets,
+        "auth": {"style": "none"},
+        # The dead target is ejected at its third failure in a row, within the first warm-up,
+        # and stays out for the whole run.
+        "outlier": {"consecutive_failures": 3, "base_ejection": 3600, "max_ejection": 3600},
+    }
 
 
 def limiter_stats(gateway: Server) -> dict[str, Any]:
@@ -405,6 +448,48 @@ def paced(upstream: Server, gateway: Server, plan: Plan) -> Results:
     }
 
 
+def failover(plan: Plan, work: Path, upstream: Server, results: Results) -> None:
+    """Section 6: the three failover rows, alternated in rounds; the median round's figures."""
+    rows: Results = results.setdefault("failover_c64", {})
+    with contextlib.ExitStack() as stack:
+        dead = stack.enter_context(refusing_port())
+        gateways: dict[str, Server] = {}
+        for name in FAILOVER_VARIANTS:
+            config = work / f"{name}.yaml"
+            entry = failover_upstream(name, upstream, dead)
+            gateway_config(config, upstream, access_log=True, limits="local", upstream_entry=entry)
+            gateways[name] = stack.enter_context(start_gateway(config, name, work))
+            chat(gateways[name].url(CHAT))
+        runs: dict[str, list[Results]] = {name: [] for name in FAILOVER_VARIANTS}
+        for turn in range(plan.failover_rounds):
+            for name, gw in gateways.items():
+                step(f"non-streaming, {name} (round {turn + 1} of {plan.failover_rounds})")
+                runs[name].append(
+                    rate(gw.url(CHAT), plan, {"sut": gw, "upstream": upstream}, NONSTREAM_64)
+                )
+        for name, figures in runs.items():
+            rates = [f["rate"] for f in figures]
+            p99s = [f["p99_ms"] for f in figures]
+            median = sorted(figures, key=lambda f: f["rate"])[(len(figures) - 1) // 2]
+            rows[name] = {
+                **median,
+                "rate": round(statistics.median(rates), 1),
+                "p99_ms": round(statistics.median(p99s), 3),
+                "rounds": {"rate": rates, "p99_ms": p99s},
+            }
+        log = gateways["three_targets_one_dead"].log.read_text(errors="replace")
+        rows["three_targets_one_dead"]["dead_target_ejected"] = "'fake/c' ejected" in log
+    single, healthy, one_dead = (rows[name] for name in FAILOVER_VARIANTS)
+    rows["healthy_over_single"] = {
+        "rate": round(healthy["rate"] / single["rate"], 3),
+        "p99": round(healthy["p99_ms"] / single["p99_ms"], 3),
+    }
+    rows["one_dead_over_healthy"] = {
+        "rate": round(one_dead["rate"] / healthy["rate"], 3),
+        "p99": round(one_dead["p99_ms"] / healthy["p99_ms"], 3),
+    }
+
+
 def memory(gateway: Server) -> Results:
     streams, chunks, interval_ms = 1000, 10, 500
     reset = gateway.reset_peak()
@@ -498,6 +583,7 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
                 nonstream[name] = rate(gw.url(CHAT), plan, {"sut": gw, **cpu}, NONSTREAM_64)
                 if limits == "redis":
                     nonstream[name]["limiter"] = limiter_stats(gw)
+        failover(plan, work, upstream, results)
         port = free_port()
         bare = [python, str(ROOT / "bench" / "bare_app.py"), "--port", str(port)]
         bare += ["--sample", str(work / "sample.json")]
@@ -511,6 +597,12 @@ def measure(plan: Plan, work: Path, results: Results) -> None:
         nonstream["gateway"]["rate"] / nonstream["bare"]["rate"], 3
     )
     streams["gateway_over_bare"] = round(streams["gateway"]["rate"] / streams["bare"]["rate"], 3)
+
+
+def measure_failover(plan: Plan, work: Path, results: Results) -> None:
+    """``--failover``: section 6 alone."""
+    with start_upstream(work) as upstream:
+        failover(plan, work, upstream, results)
 
 
 def step(what: str) -> None:
@@ -533,6 +625,69 @@ class Check:
         return self.value < self.limit if self.op == "<" else self.value >= self.limit
 
 
+def failover_checks(results: Results) -> list[Check]:
+    rows = results.get("failover_c64")
+    if not rows:
+        return []
+    extra, dead = rows["healthy_over_single"], rows["one_dead_over_healthy"]
+    return [
+        Check("3 healthy targets / single base_url, req/s", extra["rate"], "x", ">=", 0.95),
+        Check("1 of 3 targets dead / all healthy, req/s", dead["rate"], "x", ">=", 0.90),
+        Check("1 of 3 targets dead / all healthy, p99", dead["p99"], "x", "<", 1.10),
+    ]
+
+
+def failover_report(results: Results) -> str:
+    rows = results["failover_c64"]
+    extra, dead = rows["healthy_over_single"], rows["one_dead_over_healthy"]
+    rounds = results["plan"]["failover_rounds"]
+    ejected = rows["three_targets_one_dead"].get("dead_target_ejected")
+    lines = [
+        f"Failover, non-streaming, 64 connections (median of {rounds} round(s), "
+        f"{results['plan']['seconds']} s each after a {results['plan']['warmup']} s warm-up)",
+        _table(
+            [
+                ["", "per s", "p50 ms", "p99 ms", "errors", "SUT", "upstream", "us/req"],
+                *[
+                    [
+                        f"  {name}",
+                        rows[name]["rate"],
+                        f"{rows[name]['p50_ms']:.3f}",
+                        f"{rows[name]['p99_ms']:.3f}",
+                        rows[name]["errors"],
+                        f"{rows[name].get('sut_cpu_pct', 0):.0f}%",
+                        f"{rows[name].get('upstream_cpu_pct', 0):.0f}%",
+                        rows[name].get("sut_cpu_us_per_request", "-"),
+                    ]
+                    for name in FAILOVER_VARIANTS
+                ],
+            ]
+        ),
+        f"Compared: 3 healthy targets / single base_url: req/s x{extra['rate']:.3f}, "
+        f"p99 x{extra['p99']:.3f}; 1 of 3 dead / all healthy: req/s x{dead['rate']:.3f}, "
+        f"p99 x{dead['p99']:.3f} (dead target ejected in the warm-up: "
+        f"{'yes' if ejected else 'NO'})",
+    ]
+    return "\n".join(lines)
+
+
+def check_table(found: Sequence[Check]) -> str:
+    return _table(
+        [
+            ["Target", "value", "target", ""],
+            *[
+                [
+                    c.figure,
+                    f"{c.value:g} {c.unit}".strip(),
+                    f"{c.op} {c.limit:g}",
+                    "PASS" if c.passed else "MISS",
+                ]
+                for c in found
+            ],
+        ]
+    )
+
+
 def checks(results: Results) -> list[Check]:
     nonstream, latency = results["nonstream_c64"], results["latency_c1"]
     streams, paced, mem = results["streams_c16"], results["paced"], results["memory"]
@@ -547,6 +702,7 @@ def checks(results: Results) -> list[Check]:
         Check("paced: events held back or missing", held, "", "<", 1),
         Check("1,000 streams: ones never open at once", not_open, "", "<", 1),
         Check("1,000 streams: peak RSS", mem["peak_rss_mb"], "MB", "<", 150),
+        *failover_checks(results),
     ]
 
 
@@ -669,20 +825,8 @@ def report(results: Results) -> str:
         f"{mem['streams']:,} streams open at once, {mem['completed']:,} completed; peak RSS "
         f"{mem['peak_rss_mb']:.1f} MB ({mem['peak_from']})",
         "",
-        _table(
-            [
-                ["Target", "value", "target", ""],
-                *[
-                    [
-                        c.figure,
-                        f"{c.value:g} {c.unit}".strip(),
-                        f"{c.op} {c.limit:g}",
-                        "PASS" if c.passed else "MISS",
-                    ]
-                    for c in checks(results)
-                ],
-            ]
-        ),
+        *([failover_report(results), ""] if "failover_c64" in results else []),
+        check_table(checks(results)),
     ]
     out.extend(f"\nNote: {note}" for note in notes(results))
     return "\n".join(out)
@@ -753,16 +897,21 @@ def _git() -> Results:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter measurements (~40 s)")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (~50 s)")
+    parser.add_argument(
+        "--failover", action="store_true", help="only the failover rows (section 6)"
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    output = RESULTS.with_name("failover.json") if args.failover else RESULTS
+    run = measure_failover if args.failover else measure
     signal.signal(signal.SIGTERM, _terminate)
     os.sched_setaffinity(0, {LOAD_CPU})  # wrk and the client inherit it
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,000 streams: 2 fds each, x2
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     results: Results = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "plan": vars(plan) | {"quick": args.quick},
+        "plan": vars(plan) | {"quick": args.quick, "failover_only": args.failover},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "git": _git(),
     }
@@ -779,7 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: str | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="gateway-bench-") as work:
-            measure(plan, Path(work), results)
+            run(plan, Path(work), results)
     except (ServerFailed, RuntimeError) as exc:
         failed = str(exc)
         results["error"] = failed
@@ -787,15 +936,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; every server is stopped", file=sys.stderr)
         return 130
     results["elapsed_s"] = round(time.monotonic() - began, 1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
     if failed is not None:
         print(f"benchmark failed: {failed}", file=sys.stderr)
         return 1
-    print(report(results))
-    results["checks"] = [vars(c) | {"passed": c.passed} for c in checks(results)]
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{results['elapsed_s']} s; results in {RESULTS.relative_to(ROOT)}")
+    if args.failover:
+        found = failover_checks(results)
+        print(f"{failover_report(results)}\n\n{check_table(found)}")
+    else:
+        found = checks(results)
+        print(report(results))
+    results["checks"] = [vars(c) | {"passed": c.passed} for c in found]
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{results['elapsed_s']} s; results in {output.relative_to(ROOT)}")
     return 0
 
 

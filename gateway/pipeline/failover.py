@@ -149,6 +149,8 @@ async def _attempts(
             tried: list[UpstreamTarget] = []
             while len(tried) < group.attempts:
                 now = clock()
+                if tried and now >= deadline:
+                    break  # the budget is spent: no new attempt, whatever target is left
                 target = group.choose(now, tried)
                 if target is None:
                     back = group.next_return(now)

@@ -30,6 +30,8 @@ when it is driven through the gateway (which passes unknown headers through):
 =========================  ======================================================================
 ``x-fake-status: NNN``     reply NNN (400-599) with an OpenAI-shaped error; 429 adds
                            ``retry-after: 0``
+``x-fake-retry-after: N``  with a status: ``retry-after: N`` (seconds) instead
+``x-fake-error-code: W``   with a status: the error body's ``code`` is W (a word)
 ``x-fake-chunks: N``       content pieces: stream events, or words of a non-stream reply (5)
 ``x-fake-interval-ms: M``  pause between stream events (0)
 ``x-fake-delay-ms: M``     pause before the response headers (0)
@@ -41,6 +43,14 @@ when it is driven through the gateway (which passes unknown headers through):
                            without finishing the body
 ``x-fake-bytes: N``        pad a non-stream JSON body to at least N bytes (``x_fake_padding``)
 =========================  ======================================================================
+
+When a gateway sends the same request to several fakes (its targets), headers cannot make one
+fail and another answer: the test scripts each server instead. ``upstream.script(Controls(status=
+503))`` makes its next request a 503 (whatever its headers say), ``upstream.behave(Controls(hang=
+True))`` makes every request after the script hang until ``behave(None)``; ``Controls`` takes the
+table's values as fields (``status``, ``retry_after``, ``error_code``, ``hang``, ``fail_after``,
+``delay`` in seconds, ...). Each server records its own requests, so counting them per target is
+``len(upstream.requests)``.
 
 An unknown ``x-fake-*`` header, or a value that does not parse, is refused with a 400 so a typo
 cannot silently turn a failure test into a success test. Hang-after wins over fail-after. A cut

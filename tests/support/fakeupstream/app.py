@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import gzip
 import itertools
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -142,6 +144,9 @@ class FakeUpstreamApp:
         self._gzipped: dict[bytes, bytes] = {}
         self._waiting: set[asyncio.Event] = set()
         self._closing = False
+        self._script_lock = threading.Lock()
+        self._scripts: collections.deque[Controls] = collections.deque()
+        self._standing: Controls | None = None
         self._models_body = models_body(self.models)
         self._post: dict[str, Callable[[dict[str, Any], Controls], _Reply]] = {
             "/v1/chat/completions": self._chat,
@@ -150,6 +155,33 @@ class FakeUpstreamApp:
             "/v1/responses": self._responses,
             "/v1/messages": self._messages,
         }
+
+    # Behaviour set by the test rather than by the request's headers
+
+    def script(self, *plan: Controls) -> None:
+        """The next ``len(plan)`` requests behave as ``plan`` says, in order (after any plan
+        still queued), whatever their ``x-fake-*`` headers: the way to make one server of
+        several fail when a gateway sends them all the same request. Thread-safe."""
+        with self._script_lock:
+            self._scripts.extend(plan)
+
+    def behave(self, controls: Controls | None) -> None:
+        """Every request once the script is used up behaves as ``controls`` (None: as its
+        headers say, the default). Thread-safe."""
+        with self._script_lock:
+            self._standing = controls
+
+    def unscript(self) -> None:
+        """Forget the queued script and the standing behaviour."""
+        with self._script_lock:
+            self._scripts.clear()
+            self._standing = None
+
+    def _scripted(self) -> Controls | None:
+        with self._script_lock:
+            if self._scripts:
+                return self._scripts.popleft()
+            return self._standing
 
     def close(self) -> None:
         """Release every waiting request, now and from now on; call on the server's loop."""
@@ -185,8 +217,9 @@ class FakeUpstreamApp:
             if record is not None:
                 self.log.mark_disconnected(record)
             return
+        scripted = self._scripted() if self._scripts or self._standing is not None else None
         try:
-            controls = parse_controls(scope["headers"])
+            controls = parse_controls(scope["headers"]) if scripted is None else scripted
         except BadRequest as exc:
             controls, reply = NO_CONTROLS, _bad_request(exc)
         else:
@@ -198,8 +231,11 @@ class FakeUpstreamApp:
     def _route(self, scope: Scope, body: bytes, controls: Controls) -> _Reply:
         if controls.status is not None:
             status = controls.status
-            extra = ((b"retry-after", b"0"),) if status == 429 else ()
-            return _Reply(status, status_error_body(status), headers=extra)
+            after = controls.retry_after
+            if after is None and status == 429:
+                after = 0
+            extra = ((b"retry-after", b"%d" % after),) if after is not None else ()
+            return _Reply(status, status_error_body(status, controls.error_code), headers=extra)
         method, path = scope["method"], scope["path"]
         if (endpoint := self._post.get(path)) is not None:
             if method != "POST":

@@ -621,11 +621,14 @@ _STATUS_ERRORS: Final = {
 }
 
 
-def status_error_body(status: int) -> bytes:
-    """The OpenAI-shaped error body sent for ``x-fake-status: <status>``."""
+def status_error_body(status: int, error_code: str | None = None) -> bytes:
+    """The OpenAI-shaped error body sent for ``x-fake-status: <status>`` (with
+    ``x-fake-error-code``: that ``code`` instead of the status's usual one)."""
     type, code = _STATUS_ERRORS.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", None)
     )
+    if error_code is not None:
+        code = error_code
     return error_body(
         f"The fake upstream was asked to fail with status {status}.", type, None, code
     )

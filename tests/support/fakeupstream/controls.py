@@ -25,6 +25,10 @@ class Controls:
     hang_after: int | None = None
     fail_after: int | None = None
     min_bytes: int = 0
+    # With ``status``: the error body's ``code`` (else the status's usual one), and the
+    # ``retry-after`` header in seconds (a 429 says 0 unless told otherwise).
+    error_code: str | None = None
+    retry_after: int | None = None
 
     @property
     def waits(self) -> bool:
@@ -45,7 +49,9 @@ _INT_CONTROLS: Final = {
     b"x-fake-hang-after": "hang_after",
     b"x-fake-fail-after": "fail_after",
     b"x-fake-bytes": "min_bytes",
+    b"x-fake-retry-after": "retry_after",
 }
+_STR_CONTROLS: Final = {b"x-fake-error-code": "error_code"}
 _BOOL_CONTROLS: Final = {b"x-fake-gzip": "gzip", b"x-fake-hang": "hang"}
 _TRUE: Final = (b"1", b"true", b"yes", b"on")
 _FALSE: Final = (b"0", b"false", b"no", b"off", b"")
@@ -66,6 +72,11 @@ def parse_controls(headers: Sequence[tuple[bytes, bytes]]) -> Controls:
             if value not in _TRUE and value not in _FALSE:
                 raise BadRequest(f"{name.decode()} must be 1 or 0, got {raw!r}")
             found[key] = value in _TRUE
+        elif (key := _STR_CONTROLS.get(name)) is not None:
+            text = raw.strip().decode("latin-1")
+            if not text or not all(c.isalnum() or c in "_-." for c in text):
+                raise BadRequest(f"{name.decode()} must be a word (letters, digits, _-.)")
+            found[key] = text
         else:
             raise BadRequest(f"unknown control header {name.decode('latin-1')!r}")
     if not found:

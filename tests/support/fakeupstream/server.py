@@ -15,6 +15,7 @@ import uvicorn
 
 from tests.support.fakeupstream.app import FakeUpstreamApp, quiet_deliberate_aborts
 from tests.support.fakeupstream.bodies import MODELS
+from tests.support.fakeupstream.controls import Controls
 from tests.support.fakeupstream.record import RecordedRequest, first_disconnected
 
 T = TypeVar("T")
@@ -207,6 +208,20 @@ class FakeUpstream:
     def base_url(self) -> str:
         """The OpenAI SDK's ``base_url``: ``url`` + ``/v1``."""
         return self.url + "/v1"
+
+    # Behaviour set by the test (``FakeUpstreamApp.script``)
+
+    def script(self, *plan: Controls) -> None:
+        """The next requests behave as ``plan`` says, one ``Controls`` each, in order, whatever
+        their headers; then as ``behave`` says, else as their headers say."""
+        self.app.script(*plan)
+
+    def behave(self, controls: Controls | None) -> None:
+        """How every request behaves once the script is used up (None: as its headers say)."""
+        self.app.behave(controls)
+
+    def unscript(self) -> None:
+        self.app.unscript()
 
     # What it received
 
