@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--reference", action="store_true", help="also measure in-process limits in each round"
     )
     args = parser.parse_args(argv)
-    plan = Plan(seconds=args.seconds, warmup=2, paced_seconds=0.0, variants=False)
+    plan = Plan(
+        seconds=args.seconds, warmup=2, paced_seconds=0.0, variants=False, failover_rounds=0
+    )
     os.sched_setaffinity(0, {LOAD_CPU})  # wrk inherits it
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-redis-") as work:
