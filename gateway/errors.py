@@ -162,6 +162,26 @@ def invalid_model_type() -> GatewayError:
     )
 
 
+def invalid_body_value(message: str, param: str | None, code: str) -> GatewayError:
+    """400 for a JSON body that breaks its route's request rules (``validate``), worded as
+    OpenAI's API words the same fault: ``param`` is the JSON path of the value at fault
+    (``messages[3].role``), ``code`` OpenAI's (``invalid_value``, ``invalid_type``,
+    ``string_above_max_length``...). The message never quotes more than a short excerpt of
+    what the client sent."""
+    return GatewayError(400, message, code=code, param=param)
+
+
+def uncheckable_media(media: str, route: str) -> GatewayError:
+    # The client's Content-Type is quoted cut short: a head field may be kilobytes long.
+    shown = media if len(media) <= 40 else media[:40] + "..."
+    return GatewayError(
+        415,
+        f"Route '{route}' checks JSON request bodies; a '{shown}' body cannot be checked. Send "
+        "JSON (Content-Type: application/json).",
+        code="unsupported_media_type",
+    )
+
+
 def upstream_unreachable(upstream: str) -> GatewayError:
     # Names the upstream as the admin called it, never its URL (docs/design.md §5: peers that
     # disclose the upstream URL in errors are what we avoid).

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.auth import AdminKeys, KeyRing, admin_keys
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
+from gateway.policies.validation import RequestValidator, request_validators
 from gateway.routing import RouteTable
 from gateway.upstream.balance import balancer
 from gateway.upstream.egress import proxy_for, proxy_secrets
@@ -47,6 +48,8 @@ class Runtime:
     # only ones metrics may use as label values.
     known_models: frozenset[str] = frozenset()
     admin_keys: AdminKeys = _NO_ADMIN_KEYS
+    # Per route name: the route's compiled request rules; routes without rules are absent.
+    validators: Mapping[str, RequestValidator] = field(default_factory=dict)
 
     def timeouts(self, route: str, upstream: UpstreamGroup) -> Timeouts:
         return self.route_timeouts.get(route) or upstream.config.timeouts
@@ -69,6 +72,7 @@ class Tables:
     keys: KeyRing
     planner: Planner
     concurrency: Mapping[str, ConcurrencyCaps]
+    validators: Mapping[str, RequestValidator] = field(default_factory=dict)
 
 
 def build_tables(config: GatewayConfig, previous: Runtime | None = None) -> Tables:
@@ -77,6 +81,7 @@ def build_tables(config: GatewayConfig, previous: Runtime | None = None) -> Tabl
         keys=KeyRing(config.keys, previous.keys if previous else None),
         planner=Planner.from_config(config, previous.planner if previous else None),
         concurrency=concurrency_caps(config),
+        validators=request_validators(config),
     )
 
 
@@ -137,6 +142,7 @@ def build_runtime(
         limiter=limiter,
         known_models=listed_models(config),
         admin_keys=admin_keys(config.admin.keys),
+        validators=tables.validators,
     )
 
 

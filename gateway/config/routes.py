@@ -7,10 +7,12 @@ the same route under other paths, optionally deprecated (RFC 9745) with a sunset
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway.config.fields import Model, Name
+from gateway.config.request_rules import RequestRules, rules_or_name
 from gateway.config.templates import check_path_pattern, pattern_params, placeholder_names
 from gateway.config.upstreams import Timeouts
 
@@ -97,6 +99,15 @@ class Route(Model):
         "it as to a body's 'model' (a model the key may not use is 404 model_not_found), and an "
         "alias is fetched under the upstream's name and answered with the alias as its 'id'. "
         "Default none.",
+    )
+    # 'validate' in YAML; 'rules' in Python, since pydantic's BaseModel has a validate().
+    rules: Annotated[RequestRules | Name | None, BeforeValidator(rules_or_name)] = Field(
+        None,
+        alias="validate",
+        description="Request rules checked on JSON bodies (POST, PUT, PATCH) before the model "
+        "rules and the limits: a rule set, or the name of one in 'request_rules'. For routes "
+        "whose upstream or public path ends in chat/completions, completions, embeddings or "
+        "responses. Default none: bodies pass unchecked.",
     )
 
     @field_validator("path")

@@ -30,7 +30,7 @@ __all__ = ["LISTS", "TABLES", "validate"]
 # tables of named entries, with what one entry is called in messages. Files are merged along the
 # same lines (``merge``): lists are concatenated, tables merged by name.
 LISTS: dict[str, type[BaseModel]] = {"routes": Route, "keys": ApiKey}
-TABLES = {"upstreams": "upstream", "models": "model"}
+TABLES = {"upstreams": "upstream", "models": "model", "request_rules": "rule set"}
 _LIST_TYPES: dict[str, Any] = {"routes": list[Route], "keys": list[ApiKey]}
 # Entries of a list validated in one call: a call per entry costs more than the validation of a
 # small one, and a few hundred keys still take only a millisecond or two of the GIL.
@@ -123,7 +123,7 @@ class _Entries:
                 entry = self._one(GatewayConfig, {section: value}, (), data)
                 if entry is not None:
                     valid[section] = getattr(entry, section)
-                elif section in ("routes", "upstreams", "models"):
+                elif section in ("routes", "upstreams", "models", "request_rules"):
                     unverified[section] = None
                 elif section == "keys":
                     unverified["teams"] = None
