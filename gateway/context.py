@@ -57,6 +57,9 @@ class RequestContext:
     # "concurrency" or "unavailable" (the shared limits could not be checked).
     limit: str | None = None
     limit_reason: str | None = None
+    # limits.max_wait: milliseconds the request slept until its slot (also when the client left
+    # meanwhile); None when it was admitted without waiting.
+    queue_wait_ms: int | None = None
 
     # The attempts (``pipeline/failover.py``): how many, the label of the target that served
     # (or last failed), and each one's outcome.

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from gateway.config.model import GatewayConfig
+from gateway.config.request_rules import RequestRules, shape_of
 from gateway.config.routes import Route
 from gateway.config.templates import segment_param
 from gateway.upstream.egress import proxy_for
@@ -41,6 +42,7 @@ RESERVED_PREFIX = "/admin/"
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PATH_PART = re.compile(r'\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]|(?:^|\.)([A-Za-z0-9_-]+)')
 _GLOB_CHARS = frozenset("*?[")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def format_path(path: Iterable[str | int]) -> str:
@@ -88,6 +90,7 @@ class Unverified:
     upstreams: frozenset[str] | None = frozenset()
     models: frozenset[str] | None = frozenset()
     teams: frozenset[str] | None = frozenset()
+    request_rules: frozenset[str] | None = frozenset()
 
     @staticmethod
     def covers(names: frozenset[str] | None, name: str) -> bool:
@@ -110,6 +113,7 @@ def check_config(
         *_references(config, skip),
         *_limits(config, skip),
         *_route_table(config, cite, skip),
+        *_request_rules(config, skip),
         *_egress(config),
     ]
 
@@ -239,6 +243,32 @@ def _references(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
                 )
 
 
+def _request_rules(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
+    """A route's ``validate`` names a known rule set, and the route carries a body whose shape
+    the rules know: found at load rather than as rules that silently never apply."""
+    named = set(config.request_rules)
+    for i, route in enumerate(config.routes):
+        rules = route.rules
+        if rules is None:
+            continue
+        where = format_path(("routes", i, "validate"))
+        if (
+            not isinstance(rules, RequestRules)
+            and rules not in named
+            and not skip.covers(skip.request_rules, rules)
+        ):
+            yield where, _unknown("rule set", rules, named)
+        if shape_of(route.target_path(), route.path) is None:
+            yield (
+                where,
+                "request rules apply to OpenAI's chat/completions, completions, embeddings and "
+                f"responses bodies; neither the upstream path {route.target_path()!r} nor the "
+                f"path {route.path!r} ends in one of them",
+            )
+        elif _BODY_METHODS.isdisjoint(route.methods):
+            yield where, "request rules check bodies: the route serves no POST, PUT or PATCH"
+
+
 def _limits(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
     teams = {key.team for key in config.keys if key.team is not None}
     for team in config.limits.teams:
@@ -258,6 +288,22 @@ def _limits(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
                     format_path(("limits", section, name, "max_concurrent")),
                     "max_concurrent applies to keys (keys[].limits, limits.default) and teams "
                     "(limits.teams) only",
+                )
+    for section in ("teams", "routes", "models"):
+        for name, limits in getattr(config.limits, section).items():
+            # How long a request may wait is the key's (or, on a route, the route's) to say;
+            # team and model limits only add buckets, and a second bound there would be
+            # ambiguous. The waiting count is per key (gateway/limits/waiting.py).
+            if limits.max_wait is not None and section != "routes":
+                yield (
+                    format_path(("limits", section, name, "max_wait")),
+                    "max_wait applies to keys (keys[].limits, limits.default) and routes "
+                    "(limits.routes) only",
+                )
+            if limits.max_waiting is not None:
+                yield (
+                    format_path(("limits", section, name, "max_waiting")),
+                    "max_waiting applies to keys (keys[].limits, limits.default) only",
                 )
     for model in config.limits.models:
         if _unknown_model(config, model, skip):

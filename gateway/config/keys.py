@@ -32,6 +32,21 @@ class Limits(Model):
         description="Requests (open streams included) at once, per gateway process; 429 "
         "beyond. Applies to keys and teams. Default unlimited.",
     )
+    max_wait: float | None = Field(
+        None,
+        ge=0,
+        le=600,
+        description="Seconds a request its buckets are short for may wait for capacity, in "
+        "arrival order, before it gets the 429; exact across replicas with Redis. Applies to "
+        "keys (keys[].limits, limits.default) and routes (limits.routes, which wins over the "
+        "key's; 0 turns waiting off on that route). Default: no waiting.",
+    )
+    max_waiting: int | None = Field(
+        None,
+        ge=1,
+        description="With max_wait: the key's requests waiting at once, per gateway process "
+        "(default 100); one more gets the 429 at once. Applies to keys only.",
+    )
 
 
 class ApiKey(Model):

@@ -9,6 +9,8 @@ Caddy's config style).
 that section and are importable from here too:
 
 - ``routes``: ``gateway.config.routes`` (``Route``, ``Alias``);
+- ``request_rules`` and a route's ``validate``: ``gateway.config.request_rules``
+  (``RequestRules``);
 - ``upstreams`` and ``models``: ``gateway.config.upstreams`` (``Upstream``, ``Timeouts``,
   ``ModelAlias``...);
 - ``keys`` and ``limits``: ``gateway.config.keys`` (``ApiKey``, ``Limits``, ``LimitsSection``);
@@ -25,6 +27,7 @@ from pydantic import ConfigDict, Field
 from gateway.config.fields import Model, Name
 from gateway.config.keys import ApiKey, Limits, LimitsSection
 from gateway.config.operations import AdminKey, AdminSettings, MetricsSettings
+from gateway.config.request_rules import RequestRules
 from gateway.config.routes import Alias, Route
 from gateway.config.settings import ConnectionSettings, RedisSettings, ServerSettings
 from gateway.config.upstreams import ModelAlias, Timeouts, Upstream, UpstreamAuth
@@ -41,6 +44,7 @@ __all__ = [
     "MetricsSettings",
     "ModelAlias",
     "RedisSettings",
+    "RequestRules",
     "Route",
     "ServerSettings",
     "Timeouts",
@@ -74,6 +78,11 @@ class GatewayConfig(Model):
         (),
         description="The public routes. A config read from files must name 'routes' (write "
         "'routes: []' to serve none on purpose): a file without it may be one caught mid-write.",
+    )
+    request_rules: dict[Name, RequestRules] = Field(
+        default_factory=dict,
+        description="Named request rule sets that routes share: a route's 'validate' may name "
+        "one instead of writing its rules out.",
     )
     models: dict[str, ModelAlias] = Field(
         default_factory=dict, description="Public model name -> upstream and its model name."

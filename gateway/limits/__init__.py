@@ -6,13 +6,16 @@ How the proxy uses them, per request::
     decision = await limiter.admit(plan)  # one Redis round trip; all buckets debited or none
     if not decision.allowed:
         raise decision.error()  # 429 (or 503 when Redis is down and on_failure is 'closed')
+    if decision.wait_ms:  # limits.max_wait: admitted for a slot in the future
+        waited = await wait_for_slot(limiter, decision, receive, context)  # or gives it back
     ...  # relay, feeding every chunk to a UsageTap
     await limiter.settle(decision, usage.total_tokens if usage else None)  # off the hot path
 
-and adds ``decision.headers()`` to the response.
+and adds ``decision.headers(waited)`` to the response.
 """
 
 from gateway.limits.buckets import (
+    QUEUE_WAIT_HEADER,
     RATELIMIT_HEADERS,
     Bucket,
     BucketSet,
@@ -20,14 +23,17 @@ from gateway.limits.buckets import (
     Decision,
     Kind,
     Plan,
+    Scheduled,
     format_duration,
 )
 from gateway.limits.limiter import Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
 from gateway.limits.plan import Planner
 from gateway.limits.redis_limiter import RedisLimiter, build_limiter
+from gateway.limits.waiting import WaitingRoom, wait_for_slot
 
 __all__ = [
+    "QUEUE_WAIT_HEADER",
     "RATELIMIT_HEADERS",
     "Bucket",
     "BucketSet",
@@ -40,6 +46,9 @@ __all__ = [
     "Plan",
     "Planner",
     "RedisLimiter",
+    "Scheduled",
+    "WaitingRoom",
     "build_limiter",
     "format_duration",
+    "wait_for_slot",
 ]

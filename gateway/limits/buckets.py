@@ -33,6 +33,8 @@ _HEADER_NAMES: dict[Kind, tuple[bytes, bytes, bytes]] = {
 # Every header a Decision may set; the proxy drops the upstream's copies (they describe the
 # gateway's own upstream key, not the caller's limits) before adding ours.
 RATELIMIT_HEADERS = frozenset(name for names in _HEADER_NAMES.values() for name in names)
+# The milliseconds an admitted request waited for its slot (limits.max_wait), when it waited.
+QUEUE_WAIT_HEADER = b"x-gateway-queue-wait-ms"
 _PER_MIN: dict[Kind, str] = {
     "requests": "requests per min (RPM)",
     "tokens": "tokens per min (TPM)",
@@ -57,11 +59,18 @@ class BucketSet:
     ``admit_command`` and ``settle_command`` are the Redis commands without their last
     argument (see ``gateway.limits.lua``), so an admission allocates almost nothing.
     Compared and hashed by identity: the planner hands out the same object every time.
+
+    ``max_wait_ms`` is how long a request short of capacity may wait for it (``limits.max_wait``;
+    0: not at all) and ``max_waiting`` how many of the key's requests may wait at once in this
+    process; ``no_wait_command`` is ``admit_command`` with no waiting, for when that many do.
     """
 
     buckets: tuple[Bucket, ...]
     admit_command: tuple[str, ...]
     settle_command: tuple[str, ...]
+    max_wait_ms: int = 0
+    max_waiting: int = 0
+    no_wait_command: tuple[str, ...] = ()
 
     @property
     def has_tokens(self) -> bool:
@@ -97,8 +106,12 @@ class Decision:
     """A limiter's answer to a plan.
 
     ``remaining`` and ``reset_ms`` run parallel to ``plan.buckets.buckets``: the bucket's level
-    after this request (floored; negative after overuse) and the milliseconds until it is full
-    again (-1: it never refills). Both are empty when no limiter could be asked (``unavailable``).
+    after this request (floored; negative after overuse, or while requests wait for it) and the
+    milliseconds until it is full again (-1: it never refills). Both are empty when no limiter
+    could be asked (``unavailable``).
+
+    ``wait_ms`` > 0 (a ``Scheduled`` decision): admitted for a slot that many milliseconds away
+    (``limits.max_wait``).
     """
 
     plan: Plan
@@ -110,6 +123,16 @@ class Decision:
     degraded: bool = False  # decided without the shared store (Redis down or skipped)
     unavailable: bool = False  # limits could not be checked and on_failure is 'closed': 503
 
+    # Properties, not fields, so that the decisions of requests that do not wait (nearly all)
+    # cost no more to make than before waiting existed; ``Scheduled`` has them as fields.
+    @property
+    def wait_ms(self) -> int:
+        return 0
+
+    @property
+    def ticket(self) -> object:
+        return None
+
     @property
     def limiting_bucket(self) -> Bucket | None:
         return self.plan.buckets.buckets[self.limiting] if self.limiting >= 0 else None
@@ -120,8 +143,9 @@ class Decision:
         bucket = self.limiting_bucket
         return bucket.kind if bucket is not None else None
 
-    def headers(self) -> RawHeaders:
-        """OpenAI's ``x-ratelimit-*`` headers for the caller's own limits.
+    def headers(self, waited_ms: int = 0) -> RawHeaders:
+        """OpenAI's ``x-ratelimit-*`` headers for the caller's own limits, and after a wait of
+        ``waited_ms`` (> 0) ``x-gateway-queue-wait-ms``, with the resets that much nearer.
 
         Per kind, the most constraining bucket speaks: the lowest remaining, then the latest
         reset. A kind without buckets gets no headers.
@@ -139,7 +163,10 @@ class Decision:
             out.append((names[0], str(limit).encode()))
             out.append((names[1], str(max(remaining, 0)).encode()))
             if reset >= 0:
+                reset = reset - waited_ms if reset > waited_ms else 0  # as of the end of the wait
                 out.append((names[2], format_duration(reset).encode()))
+        if waited_ms > 0:
+            out.append((QUEUE_WAIT_HEADER, str(waited_ms).encode()))
         return out
 
     def message(self) -> str:
@@ -189,6 +216,16 @@ class Decision:
             self.refusal_headers(),
             retry_useless=self.retry_after_ms < 0,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled(Decision):
+    """Admitted for a slot ``wait_ms`` milliseconds away (``limits.max_wait``): every bucket is
+    debited already, and the request must sleep until then, or give the slot back
+    (``Limiter.give_back``) with ``ticket``, the limiter's own record of what it debited."""
+
+    wait_ms: int = 0
+    ticket: object = None
 
 
 def format_duration(ms: int) -> str:

@@ -34,7 +34,19 @@ class Limiter(Protocol):
     stats: LimiterStats
 
     async def admit(self, plan: Plan) -> Decision:
-        """Debit every bucket of the plan, or none, and say which."""
+        """Debit every bucket of the plan, or none, and say which. A plan that may wait
+        (``max_wait_ms``) and is short may be admitted for a slot ``wait_ms`` away; the request
+        then holds a place in the key's waiting room until ``waited``."""
+        ...
+
+    def waited(self, decision: Decision) -> None:
+        """The wait of a decision admitted with ``wait_ms`` is over (its slot came, or it left):
+        its place in the waiting room is free."""
+        ...
+
+    async def give_back(self, decision: Decision) -> None:
+        """A request admitted with ``wait_ms`` left before its slot: return its debits on every
+        bucket where no later request was scheduled behind it. Never raises."""
         ...
 
     async def settle(self, decision: Decision, actual_tokens: int | None) -> None:

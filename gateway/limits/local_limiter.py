@@ -9,6 +9,10 @@ drained, rather than getting a fresh burst in every process on top of what Redis
 Memory is bounded: past ``max_buckets`` the full buckets are dropped (a missing bucket is a full
 one, so this changes nothing), then the least recently written ones (which forgives their debt:
 acceptable for a per-process fallback).
+
+Waiting for capacity (``limits.max_wait``) works as in the script: a short request whose wait
+fits is debited now, into debt, and admitted after the wait. A give-back recognises "nothing was
+written since" by the identity of the state it wrote: every write stores a new list.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from gateway.limits.buckets import Bucket, BucketSet, Decision, Plan
+from gateway.limits.buckets import Bucket, BucketSet, Decision, Plan, Scheduled
 from gateway.limits.limiter import LimiterStats
 from gateway.limits.lua import NEVER_TTL_MS
+from gateway.limits.waiting import WaitingRoom
 
 # Per bucket key: [level, time of level (ms), capacity, refill per ms]
 _State = list[float]
@@ -37,6 +42,8 @@ class LocalLimiter:
         self._max = max_buckets
         self._clock = clock
         self.stats = stats if stats is not None else LimiterStats()
+        # Requests of each key sleeping until their slot; the Redis limiter shares it.
+        self.room = WaitingRoom()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -57,8 +64,8 @@ class LocalLimiter:
         return out
 
     def admit_now(self, plan: Plan, *, force: bool = False, degraded: bool = False) -> Decision:
-        """Admit or refuse synchronously. ``force`` debits and admits even when short (the
-        counting behind ``on_failure: open``)."""
+        """Admit, admit after a wait, or refuse, synchronously. ``force`` debits and admits even
+        when short (the counting behind ``on_failure: open``)."""
         buckets = plan.buckets.buckets
         if not buckets:
             self.stats.admitted += 1
@@ -84,6 +91,15 @@ class LocalLimiter:
                     if wait > retry:
                         retry, limiting = wait, i
         allowed = limiting < 0 or force
+        # The lists this admission writes, when it waits: its ticket for a give-back.
+        written: list[_State | None] | None = None
+        if (
+            not allowed
+            and 0 < retry <= plan.buckets.max_wait_ms
+            and self.room.enter(plan.key_name, plan.buckets.max_waiting)
+        ):
+            # Debit now, serve later: the slot is when the deepest debt is paid back (GCRA).
+            allowed, written = True, []
         remaining: list[int] = []
         reset: list[int] = []
         for i, b in enumerate(buckets):
@@ -94,13 +110,28 @@ class LocalLimiter:
             if allowed and cost > 0:
                 v -= cost
                 states.pop(b.key, None)  # re-insert: dict order is write order (LRU)
-                states[b.key] = [v, now, cap, rate]
+                states[b.key] = state = [v, now, cap, rate]
+                if written is not None:
+                    written.append(state)
+            elif written is not None:
+                written.append(None)
             remaining.append(math.floor(v))
             reset.append(_reset_ms(v, cap, rate))
         if len(states) > self._max:
             self._shrink(now)
         if allowed:
             self.stats.admitted += 1
+            if written is not None:
+                return Scheduled(
+                    plan,
+                    True,
+                    0,
+                    tuple(remaining),
+                    tuple(reset),
+                    degraded=degraded,
+                    wait_ms=math.ceil(retry),
+                    ticket=tuple(written),
+                )
             return Decision(plan, True, 0, tuple(remaining), tuple(reset), degraded=degraded)
         self.stats.refused += 1
         retry_ms = math.ceil(retry) if retry > 0 else int(retry)
@@ -112,6 +143,38 @@ class LocalLimiter:
         if actual_tokens is None or not decision.allowed:
             return
         self.settle_now(decision.plan, actual_tokens - decision.plan.tokens)
+
+    def waited(self, decision: Decision) -> None:
+        self.room.leave(decision.plan.key_name)
+
+    async def give_back(self, decision: Decision) -> None:
+        self.give_back_now(decision)
+
+    def give_back_now(self, decision: Decision) -> list[bool]:
+        """The script's ``GIVE_BACK``: per bucket, whether the request's debit was returned
+        (nothing written since it, or nobody scheduled on the bucket)."""
+        ticket = decision.ticket
+        if not isinstance(ticket, tuple):
+            return []
+        plan = decision.plan
+        now = self._clock() * 1000.0
+        states = self._buckets
+        out: list[bool] = []
+        for b, written in zip(plan.buckets.buckets, ticket, strict=False):
+            cost = plan.cost(b)
+            state = states.get(b.key)
+            cap = b.capacity
+            rate = b.per_second / 1000.0
+            v = float(cap) if state is None else _refill(state, now, cap, rate)
+            if cost <= 0 or written is None or not (v >= 0 or state is written):
+                out.append(False)
+                continue
+            v = min(float(cap), v + cost)
+            states.pop(b.key, None)
+            if v < cap:
+                states[b.key] = [v, now, cap, rate]
+            out.append(True)
+        return out
 
     def settle_now(self, plan: Plan, delta: int) -> None:
         """Debit ``delta`` more tokens (refund when negative) from the plan's token buckets."""

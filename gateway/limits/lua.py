@@ -9,6 +9,19 @@ one hash slot, so they run unchanged on Redis Cluster.
 Commands are built as ``EVALSHA <sha> <n> <keys...> <static args...> <per-call arg>``: everything
 but the last argument is fixed per bucket set, so the planner builds the tuple once and an
 admission adds one integer to it.
+
+**Waiting for capacity** (``limits.max_wait``) is GCRA's virtual scheduling, the Generic Cell Rate
+Algorithm of ITU-T Recommendation I.371 (described for rate limiting at
+https://brandur.org/rate-limiting): a bucket's state is equivalent to a theoretical arrival time,
+and a request that is short may be given a slot in the future instead of a refusal. Here that is
+the same token bucket let into debt: when the time to refill the request's deficit (the retry
+time the script computes anyway) is at most the request's max wait, every bucket is debited now
+(levels go negative) and the reply says "admitted after N ms". The bucket's level then returns
+to zero exactly at the request's slot, and the next request sees a deeper debt and gets the next
+slot: first come, first served in the order the scripts ran, exact across replicas, in one round
+trip, with no one polling Redis. A bucket's debt is at most ``max_wait x rate`` by construction.
+A request that leaves before its slot gives it back (``GIVE_BACK``) only where no later request
+was scheduled behind it: a slot already promised to someone cannot be handed out twice.
 """
 
 from __future__ import annotations
@@ -29,31 +42,38 @@ NEVER_TTL_MS = 86_400_000
 _BUCKETS = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+local stamp = string.format('%.3f', now)
 local function level(key, cap, rate)
   local s = redis.call('HMGET', key, 'v', 't')
-  if not s[1] then return cap end
+  if not s[1] then return cap, s end
   local elapsed = now - tonumber(s[2])
   if elapsed < 0 then elapsed = 0 end
-  return math.min(cap, tonumber(s[1]) + elapsed * rate)
+  return math.min(cap, tonumber(s[1]) + elapsed * rate), s
 end
 local function store(key, cap, rate, v)
   local ttl = NEVER_TTL_MS
   if rate > 0 then ttl = math.ceil((cap - v) / rate) end
-  redis.call('HSET', key, 'v', tostring(v), 't', string.format('%.3f', now))
+  local text = tostring(v)
+  redis.call('HSET', key, 'v', text, 't', stamp)
   redis.call('PEXPIRE', key, ttl)
+  return text
 end
 """.replace("NEVER_TTL_MS", str(NEVER_TTL_MS))
 
 # ARGV: per bucket i (1-based): capacity, refill per ms, '1' when it counts tokens (cost
-# ARGV[last]) or '0' when it counts requests (cost 1); ARGV[#ARGV] is the request's tokens.
-# Reply: {allowed 0/1, retry after ms (-1: waiting cannot help), index of the refusing bucket
-# (0: none), then per bucket: remaining (floor, after the debit when admitted), ms until full
-# (-1: never)}.
+# ARGV[last]) or '0' when it counts requests (cost 1); then the most the request may wait, in
+# ms (0: not at all); ARGV[#ARGV] is the request's tokens.
+# Reply: {allowed 0/1, retry after ms (-1: waiting cannot help; admitted: the wait for its slot,
+# 0 for none), index of the refusing bucket (0: none; admitted after a wait: its ticket), then
+# per bucket: remaining (floor, after the debit when admitted), ms until full (-1: never)}.
+# The ticket, for GIVE_BACK, is the debit's time as stored, then per bucket the level it stored
+# ('-': none), space-separated: a bucket still holding both was written by no one since.
 ADMIT = (
     _BUCKETS
     + """
 local n = #KEYS
-local tokens = tonumber(ARGV[3 * n + 1])
+local max_wait = tonumber(ARGV[3 * n + 1])
+local tokens = tonumber(ARGV[3 * n + 2])
 local levels, cost = {}, {}
 local retry, limiting = 0, 0
 for i = 1, n do
@@ -72,16 +92,25 @@ for i = 1, n do
   end
 end
 local out = {1, 0, limiting}
+local ticket = false
 if limiting > 0 then
-  out[1] = 0
-  if retry > 0 then out[2] = math.ceil(retry) else out[2] = retry end
+  if retry > 0 and retry <= max_wait then
+    -- Debit now, serve later: the slot is when the deepest debt is paid back (GCRA).
+    out[2], out[3], limiting, ticket = math.ceil(retry), 0, 0, stamp
+  else
+    out[1] = 0
+    if retry > 0 then out[2] = math.ceil(retry) else out[2] = retry end
+  end
 end
 for i = 1, n do
   local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
   local v = levels[i]
   if limiting == 0 and cost[i] > 0 then
     v = v - cost[i]
-    store(KEYS[i], cap, rate, v)
+    local text = store(KEYS[i], cap, rate, v)
+    if ticket then ticket = ticket .. ' ' .. text end
+  elseif ticket then
+    ticket = ticket .. ' -'
   end
   out[2 + 2 * i] = math.floor(v)
   if v >= cap then
@@ -92,6 +121,7 @@ for i = 1, n do
     out[3 + 2 * i] = -1
   end
 end
+if ticket then out[3] = ticket end
 return out
 """
 )
@@ -124,7 +154,45 @@ PEEK = (
     + """
 local out = {}
 for i = 1, #KEYS do
-  out[i] = tostring(level(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])))
+  out[i] = tostring((level(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]))))
+end
+return out
+"""
+)
+
+# A request admitted after a wait left before its slot: give its debits back. ARGV: as ADMIT's
+# per bucket, then the ticket ADMIT replied, then the request's tokens. A bucket gets its cost
+# back (never above capacity) when nothing wrote it since the request did (it is the last one
+# scheduled: the next request simply takes its slot), or when no one is scheduled on it at all
+# (level >= 0). Otherwise a later request already holds the slot after this one, and handing
+# this one out again would schedule two requests in one slot: the debit stands. Reply: per
+# bucket, 1 if given back.
+GIVE_BACK = (
+    _BUCKETS
+    + """
+local n = #KEYS
+local tokens = tonumber(ARGV[3 * n + 2])
+local ticket = {}
+for part in string.gmatch(ARGV[3 * n + 1], '%S+') do ticket[#ticket + 1] = part end
+local out = {}
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  local c = 1
+  if ARGV[3 * i] == '1' then c = tokens end
+  local debited = ticket[i + 1]
+  out[i] = 0
+  if c > 0 and debited and debited ~= '-' then
+    local v, s = level(KEYS[i], cap, rate)
+    if v >= 0 or (s[1] == debited and s[2] == ticket[1]) then
+      v = math.min(cap, v + c)
+      if v >= cap then
+        redis.call('DEL', KEYS[i])
+      else
+        store(KEYS[i], cap, rate, v)
+      end
+      out[i] = 1
+    end
+  end
 end
 return out
 """
@@ -132,19 +200,31 @@ return out
 
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()  # noqa: S324
+GIVE_BACK_SHA = hashlib.sha1(GIVE_BACK.encode()).hexdigest()  # noqa: S324
+_SCRIPTS = {ADMIT_SHA: ADMIT, SETTLE_SHA: SETTLE, GIVE_BACK_SHA: GIVE_BACK}
 
 
 def _rate(bucket: Bucket) -> str:
     return repr(bucket.per_second / 1000.0)
 
 
-def admit_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
-    """``EVALSHA`` and its arguments for these buckets, except the request's tokens."""
-    args: list[str] = ["EVALSHA", ADMIT_SHA, str(len(buckets))]
+def admit_command(buckets: Sequence[Bucket], max_wait_ms: int = 0) -> tuple[str, ...]:
+    """``EVALSHA`` and its arguments for these buckets, except the request's tokens. A request
+    short of capacity may wait up to ``max_wait_ms`` for it."""
+    return (*_bucket_args(ADMIT_SHA, buckets), str(max_wait_ms))
+
+
+def give_back_command(buckets: Sequence[Bucket], ticket: str | bytes) -> tuple[str | bytes, ...]:
+    """``EVALSHA`` of ``GIVE_BACK`` for an admission's ticket, except the request's tokens."""
+    return (*_bucket_args(GIVE_BACK_SHA, buckets), ticket)
+
+
+def _bucket_args(sha: str, buckets: Sequence[Bucket]) -> list[str]:
+    args: list[str] = ["EVALSHA", sha, str(len(buckets))]
     args += [b.key for b in buckets]
     for b in buckets:
         args += [str(b.capacity), _rate(b), "1" if b.kind == "tokens" else "0"]
-    return tuple(args)
+    return args
 
 
 def settle_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
@@ -169,8 +249,9 @@ def peek_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
     return tuple(args)
 
 
-def as_eval(command: tuple[str, ...]) -> tuple[str, ...]:
+def as_eval(command: tuple[str | bytes, ...]) -> tuple[str | bytes, ...]:
     """The same command as ``EVAL`` with the script's text, for when Redis lost the script
     (restart, ``SCRIPT FLUSH``, a failover) or a proxy in front of it refuses ``EVALSHA``."""
-    script = ADMIT if command[1] == ADMIT_SHA else SETTLE
-    return ("EVAL", script, *command[2:])
+    sha = command[1]
+    assert isinstance(sha, str)
+    return ("EVAL", _SCRIPTS[sha], *command[2:])

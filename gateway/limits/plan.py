@@ -15,6 +15,11 @@ Redis Cluster: ``{k:<id>}`` for a key without a team, ``{t:<team>}`` for every b
 in a team (its own and the team's). A team is thus one slot; that is the price of charging the
 team's bucket atomically with the key's.
 
+How long a short request may wait for capacity (``max_wait``) is the key's (its own limits, or
+``limits.default``), or the route's when ``limits.routes[route]`` sets one: the more specific
+scope wins, as a route may serve work that can wait longer (a batch) or not at all (``0``).
+``max_waiting`` is the key's (default ``DEFAULT_MAX_WAITING``).
+
 The planner is built once per config snapshot; ``charges()`` is a dict lookup and an
 allocation.
 """
@@ -29,6 +34,7 @@ from collections.abc import Iterable
 from gateway.config.model import ApiKey, GatewayConfig, Limits, LimitsSection
 from gateway.limits import lua
 from gateway.limits.buckets import Bucket, BucketSet, Plan
+from gateway.limits.waiting import DEFAULT_MAX_WAITING
 
 # Combinations cached per key; models may be client-chosen (allow_unlisted_models), so bound it.
 _MAX_COMBINATIONS = 1024
@@ -63,7 +69,7 @@ def _model_part(model: str) -> str:
 class _KeyPlans:
     """One key's buckets, and its combinations with routes and models as they are asked for."""
 
-    __slots__ = ("base", "cache", "key", "name", "prefix")
+    __slots__ = ("base", "cache", "key", "max_wait", "max_waiting", "name", "prefix")
 
     def __init__(self, key: ApiKey, limits: LimitsSection, namespace: str) -> None:
         self.key = key
@@ -83,6 +89,8 @@ class _KeyPlans:
             if team is not None:
                 base += limit_buckets(team, tag, f"team '{key.team}'")
         self.base = tuple(base)
+        self.max_wait = own.max_wait
+        self.max_waiting = own.max_waiting or DEFAULT_MAX_WAITING
         self.cache: dict[tuple[str, str | None], BucketSet] = {}
 
 
@@ -146,11 +154,14 @@ class Planner:
 
     def _combine(self, plans: _KeyPlans, route: str, model: str | None) -> BucketSet:
         buckets = list(plans.base)
+        max_wait = plans.max_wait
         route_limits = self._limits.routes.get(route)
         if route_limits is not None:
             buckets += limit_buckets(
                 route_limits, f"{plans.prefix}:r:{route}", f"key '{plans.name}' on route '{route}'"
             )
+            if route_limits.max_wait is not None:
+                max_wait = route_limits.max_wait
         if model is not None:
             model_limits = self.model_limits(model)
             if model_limits is not None:
@@ -159,4 +170,13 @@ class Planner:
                     f"{plans.prefix}:m:{_model_part(model)}",
                     f"key '{plans.name}' on model '{model}'",
                 )
-        return BucketSet(tuple(buckets), lua.admit_command(buckets), lua.settle_command(buckets))
+        wait_ms = round(max_wait * 1000) if max_wait and buckets else 0
+        admit = lua.admit_command(buckets, wait_ms)
+        return BucketSet(
+            tuple(buckets),
+            admit,
+            lua.settle_command(buckets),
+            max_wait_ms=wait_ms,
+            max_waiting=plans.max_waiting,
+            no_wait_command=lua.admit_command(buckets) if wait_ms else admit,
+        )

@@ -46,7 +46,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config.model import RedisSettings
 from gateway.limits import lua
-from gateway.limits.buckets import Bucket, Decision, Plan
+from gateway.limits.buckets import Bucket, Decision, Plan, Scheduled
 from gateway.limits.limiter import BreakerState, Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
 from gateway.limits.resp import RECHECK_SECONDS, RespClient, lost_generation
@@ -215,17 +215,39 @@ class RedisLimiter:
             return Decision(plan, True)
         if not self._breaker.allow():
             return self._fallback(plan)
+        command = bucket_set.admit_command
+        # A plan that may wait takes a place in the key's waiting room first (the count must
+        # hold while the call is out); a full room asks Redis for no waiting at all.
+        seated = False
+        if bucket_set.max_wait_ms:
+            seated = self._local.room.enter(plan.key_name, bucket_set.max_waiting)
+            if not seated:
+                command = bucket_set.no_wait_command
         try:
-            reply = await self._call(bucket_set.admit_command, plan.tokens)
+            reply = await self._call(command, plan.tokens)
         except _FAILURES as exc:
+            if seated:
+                self._local.room.leave(plan.key_name)
             self._failed(exc)
             return self._fallback(plan)
+        except BaseException:
+            if seated:
+                self._local.room.leave(plan.key_name)
+            raise
         self._breaker.succeeded()
         remaining = tuple(reply[3::2])
         self._local.observe(bucket_set, remaining)  # where a fallback would continue from
         if reply[0]:
             self.stats.admitted += 1
+            if reply[1]:  # admitted after a wait: the seat is the request's until ``waited``
+                return Scheduled(
+                    plan, True, 0, remaining, tuple(reply[4::2]), wait_ms=reply[1], ticket=reply[2]
+                )
+            if seated:
+                self._local.room.leave(plan.key_name)
             return Decision(plan, True, 0, remaining, tuple(reply[4::2]))
+        if seated:
+            self._local.room.leave(plan.key_name)
         self.stats.refused += 1
         return Decision(plan, False, reply[1], remaining, tuple(reply[4::2]), reply[2] - 1)
 
@@ -249,6 +271,27 @@ class RedisLimiter:
             return
         self._breaker.succeeded()
         self._local.settle_now(plan, delta)  # keep the fallback's copy in step
+
+    def waited(self, decision: Decision) -> None:
+        self._local.room.leave(decision.plan.key_name)
+
+    async def give_back(self, decision: Decision) -> None:
+        if not decision.wait_ms:
+            return
+        if decision.degraded:  # admitted by the local limiter: given back there
+            self._local.give_back_now(decision)
+            return
+        ticket = decision.ticket
+        if not isinstance(ticket, (str, bytes)) or self._breaker.state != "closed":
+            return  # the debit stands: a give-back is not worth a probe
+        plan = decision.plan
+        command = lua.give_back_command(plan.buckets.buckets, ticket)
+        try:
+            await self._call(command, plan.tokens)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return
+        self._breaker.succeeded()
 
     async def peek(self, buckets: Sequence[Bucket]) -> list[float | None]:
         """The levels in Redis; while Redis is skipped or failing, the local fallback's copy
@@ -274,7 +317,7 @@ class RedisLimiter:
         limited. Raises what ``_execute`` raises (``_FAILURES`` when Redis fails)."""
         return await self._execute(args)
 
-    async def _call(self, command: tuple[str, ...], last: int) -> Any:
+    async def _call(self, command: tuple[str | bytes, ...], last: int) -> Any:
         if self._evalsha:
             try:
                 return await self._execute((*command, last))
@@ -287,7 +330,7 @@ class RedisLimiter:
                 self._evalsha = False  # a proxy that does not pass EVALSHA on
         return await self._execute((*lua.as_eval(command), last))
 
-    async def _execute(self, args: tuple[str | int, ...]) -> Any:
+    async def _execute(self, args: tuple[str | bytes | int, ...]) -> Any:
         resp = self._resp
         if resp is not None:
             return await resp.call(args, self._timeout)

@@ -89,6 +89,8 @@ def access_line(context: RequestContext) -> str:
         record["tokens_out"] = context.tokens_out
     if context.limit is not None:
         record["limit"] = context.limit
+    if context.queue_wait_ms is not None:
+        record["queue_wait_ms"] = context.queue_wait_ms
     if context.upstream_error is not None:
         record["upstream_error"] = context.upstream_error
     if context.gateway_error is not None:

@@ -70,6 +70,11 @@ OVERHEAD_BUCKETS = (
     *(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025),
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+# Waiting for capacity (limits.max_wait): from a few milliseconds to its 600 s ceiling.
+QUEUE_WAIT_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    *(2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+)
 NONE = "none"
 OTHER = "other"
 
@@ -151,6 +156,14 @@ class Metrics:
             "gateway_limit_refusals",
             "Requests refused by a limit, by reason: requests, tokens, concurrency, unavailable.",
             ("reason",),
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time requests waited for capacity (limits.max_wait) before going upstream, or "
+            "before their client left; only requests that waited.",
+            ("route",),
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,
         )
         self.degraded = Counter(
@@ -264,6 +277,8 @@ class Metrics:
                 child(self.refusals, (context.limit_reason,)).inc()
             elif context.limit == "degraded":
                 self.degraded.inc()
+            if context.queue_wait_ms is not None:
+                child(self.queue_wait, (route,)).observe(context.queue_wait_ms / 1000)
         if context.model is not None:
             model = context.model if context.model in self._known_models() else OTHER
             operation = operation_of(context.path)

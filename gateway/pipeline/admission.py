@@ -2,10 +2,11 @@
 
 ``admit`` reads top to bottom as the algorithm (after Go's ``ReverseProxy.ServeHTTP``): judge
 the path, match a route, authenticate the key, take its concurrency slot, read the body when a
-rule needs it, apply the model rules (from a JSON body, a form's ``model`` field, or a model
-named in the path), then the limits, last, so that a request refused for any other reason costs
-its key nothing. It returns the outbound request, or raises the refusal (``errors.py``); nothing
-reaches the upstream for a refused request.
+rule needs it, check the route's request rules (``gateway/policies/validation.py``), apply the
+model rules (from a JSON body, a form's ``model`` field, or a model named in the path), then the
+limits, last, so that a request refused for any other reason costs its key nothing. It returns
+the outbound request, or raises the refusal (``errors.py``); nothing reaches the upstream for a
+refused request.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gateway.http import body as request_body
 from gateway.http import multipart
 from gateway.limits import Plan
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
+from gateway.limits.waiting import wait_for_slot
 from gateway.openai.stream_options import ask_for_stream_usage
 from gateway.openai.tokens import tokens_to_reserve
 from gateway.pipeline import model_rules
@@ -109,10 +111,14 @@ async def admit(
     document: dict[str, Any] | None = None
     rewrite: Rewrite | None = None
     rename: Rename | None = None
+    if route.rules is not None and method in _BODY_METHODS:
+        # The route's request rules (validate:), before the model rules and the limits: a
+        # refused request costs its key nothing. The model rules read the document parsed here.
+        document = _checked_document(runtime, route.name, headers, payload)
     if route.model_in_body and method in _BODY_METHODS and payload:
         media = request_body.media_type(headers)
         if request_body.may_be_json(media):
-            parsed = request_body.parse_json(payload)
+            parsed = request_body.parse_json(payload) if document is None else document
             if isinstance(parsed, dict):
                 document = parsed
                 resolved = model_rules.resolve_model(
@@ -168,7 +174,12 @@ async def admit(
             context.limit = "refused"
             context.limit_reason = "unavailable" if decision.unavailable else decision.kind
             raise decision.error()
-        held.extra = [*held.extra, *decision.headers()]
+        waited = 0
+        if decision.wait_ms:
+            # Admitted for a slot in the future (limits.max_wait): sleep until it. A client that
+            # leaves meanwhile gives the slot back and the request ends (ClientDisconnected).
+            waited = await wait_for_slot(runtime.limiter, decision, receive, context)
+        held.extra = [*held.extra, *decision.headers(waited)]
         settlement = Settlement(runtime.limiter, decision)
 
     alias = resolved.alias
@@ -194,6 +205,18 @@ async def admit(
         target_header=runtime.config.server.target_header,
     )
     return Admitted(dispatch, settlement, rewrite)
+
+
+def _checked_document(
+    runtime: Runtime, route: str, headers: RawHeaders, payload: Body
+) -> dict[str, Any]:
+    """The body parsed, if it keeps the route's request rules. A body that is not JSON cannot
+    be checked, so it is refused (415) rather than let through unchecked; an empty one is not
+    JSON either (400)."""
+    media = request_body.media_type(headers)
+    if not request_body.may_be_json(media):
+        raise errors.uncheckable_media(media.decode("latin-1"), route)
+    return runtime.validators[route].check(request_body.parse_json(payload))
 
 
 def _json_with_model(document: dict[str, Any], model: str) -> Body:
