@@ -58,7 +58,8 @@ class Dispatch:
     def first(self) -> Step:
         return self.steps[0]
 
-    def outbound(self, step: Step, target: UpstreamTarget) -> OutboundRequest:
+    def outbound(self, step: Step, target: UpstreamTarget, model: str | None) -> OutboundRequest:
+        """The request for ``target`` at ``step``, asking for ``model`` (``model_for``)."""
         return OutboundRequest(
             method=self.method,
             url=target.url(self.path, self.query),
@@ -69,7 +70,7 @@ class Dispatch:
                 replaced=target.added_names,
                 request_id=self.request_id,
             ),
-            body=self.body_for(self.model_for(step, target)),
+            body=self.body_for(model),
             timeouts=self.timeouts or step.group.config.timeouts,
         )
 

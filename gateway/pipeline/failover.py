@@ -68,8 +68,11 @@ class Answer:
         """The relay ended: tell the target's health how it went. A stream the upstream cut is
         a failure; a client that left says nothing about the target."""
         health = self.target.health
-        health.finished()
+        health.outstanding -= 1
         if self.reported:
+            return
+        if complete and not self.probe and not health.ejections and self.response.status < 500:
+            health.consecutive_failures = 0  # the common case: ``succeeded`` without a call
             return
         if client_gone and not complete:
             if self.probe:
@@ -127,17 +130,18 @@ async def first_answer(
     An answer that is to be retried (a 503, a 429, a ``fallback_on`` match) is kept open until
     the next attempt is actually sent: when none is (the budget ran out, no target came back),
     it is the one relayed, as the upstream sent it."""
-    return await _attempts(dispatch, context, sleep, clock, (rng or random).random)
-
-
-async def _attempts(
-    dispatch: Dispatch,
-    context: RequestContext,
-    sleep: Sleep,
-    clock: Callable[[], float],
-    jitter: Callable[[], float],
-) -> Answer:
     steps = dispatch.steps
+    if len(steps) == 1:
+        only = steps[0]
+        if only.group.attempts == 1 and len(only.group.targets) == 1:
+            # The common case, a single base_url: one attempt, nothing to choose or wait for
+            # (what the loop below would do, without its bookkeeping).
+            answer, failure = await _attempt(dispatch, context, only, only.group.targets[0], clock)
+            if failure is not None:
+                raise failure
+            assert answer is not None
+            return answer
+    jitter = (rng or random).random
     last: Unanswered | None = None
     kept: Answer | None = None
     try:
@@ -201,6 +205,8 @@ async def _attempts(
             kept.discard()
         raise
     if kept is not None:
+        # Relayed after all: its attempt's outcome is the answer's, as any relayed one's.
+        context.tries[-1].outcome = "ok"
         return kept
     if last is None:  # every step had attempts >= 1: something was tried
         raise RuntimeError("a request was dispatched to no target")
@@ -218,7 +224,8 @@ async def _attempt(
     probe = health.started(clock())
     context.attempts += 1
     context.target = target.label
-    outbound = dispatch.outbound(step, target)
+    asked = dispatch.model_for(step, target)
+    outbound = dispatch.outbound(step, target, asked)
     sent_at = time.perf_counter()
     try:
         limit = step.group.retry.attempt_timeout
@@ -253,7 +260,6 @@ async def _attempt(
             health.probe_in_flight = False
         raise
     context.tries.append(Try(target.name, target.target, "ok"))
-    asked = dispatch.model_for(step, target)
     context.upstream_model = asked if asked != context.model else None
     return Answer(response, target, step, probe, sent_at), None
 

@@ -102,8 +102,10 @@ class TargetHealth:
 
     def succeeded(self, probe: bool) -> bool:
         """An attempt got an answer that is not a failure; True if that ended a probation."""
-        now = self.clock()
         self.consecutive_failures = 0
+        if not probe and not self.ejections:
+            return False  # the common case: a healthy target that was never ejected
+        now = self.clock()
         if probe:
             self.probe_in_flight = False
         if self.probation and probe:
