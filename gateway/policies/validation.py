@@ -54,6 +54,7 @@ from gateway.config.request_rules import (
     Shape,
     shape_of,
 )
+from gateway.policies import refusals
 
 __all__ = ["RequestValidator", "compile_rules", "request_validators"]
 
@@ -63,8 +64,6 @@ Check = Callable[[Document], None]
 # Model names OpenAI serves are a few dozen characters; a longer one never reaches the admin's
 # expression, which then cannot be made to backtrack over a megabyte of client input.
 MAX_MODEL_CHARS = 256
-# What a message quotes of a client's value, at most.
-_QUOTE_CHARS = 40
 # Message roles in the order OpenAI's API lists them in its own refusals.
 _ROLE_ORDER = ("system", "assistant", "user", "function", "tool", "developer")
 # The fields that bound a response's length, per shape (OpenAI's API reference: Chat
@@ -93,7 +92,7 @@ class RequestValidator:
         if type(document) is not dict:
             raise errors.invalid_body_value(
                 f"Invalid type for the request body: expected a JSON object, but got "
-                f"{_kind(document)} instead.",
+                f"{refusals.kind(document)} instead.",
                 None,
                 "invalid_type",
             )
@@ -172,18 +171,18 @@ def _messages(rules: RequestRules) -> Check:
     def check(document: Document) -> None:
         messages = document.get("messages")
         if messages is None:
-            raise _missing("messages")
+            raise refusals.missing("messages")
         if type(messages) is not list:
-            raise _invalid_type("messages", "an array of messages", messages)
+            raise refusals.invalid_type("messages", "an array of messages", messages)
         count = len(messages)
         if count < low:
-            raise _array_too_short("messages", low, count)
+            raise refusals.array_too_short("messages", low, count)
         if high is not None and count > high:
-            raise _array_too_long("messages", high, count)
+            raise refusals.array_too_long("messages", high, count)
         total = 0
         for i, message in enumerate(messages):
             if type(message) is not dict:
-                raise _invalid_type(f"messages[{i}]", "an object", message)
+                raise refusals.invalid_type(f"messages[{i}]", "an object", message)
             role = message.get("role")
             if type(role) is not str or role not in allowed:
                 raise refuse_role(i, role)
@@ -194,7 +193,7 @@ def _messages(rules: RequestRules) -> Check:
                 else:
                     length = _text_length(content, "messages", i)
                 if per_message is not None and length > per_message:
-                    raise _string_too_long(f"messages[{i}].content", per_message, length)
+                    raise refusals.string_too_long(f"messages[{i}].content", per_message, length)
                 total += length
         if total_cap is not None and total > total_cap:
             raise errors.invalid_body_value(
@@ -227,9 +226,9 @@ class _RoleRefusal:
     def __call__(self, index: int, role: object) -> errors.GatewayError:
         param = f"{self.array}[{index}].role"
         if role is None:
-            return _missing(param)
+            return refusals.missing(param)
         if type(role) is not str:
-            return _invalid_type(param, "a string", role)
+            return refusals.invalid_type(param, "a string", role)
         if role in self.configured:  # a system or developer message, refused by system_messages
             return errors.invalid_body_value(
                 f"Invalid value for '{param}': {role} messages are not allowed on this route.",
@@ -237,7 +236,7 @@ class _RoleRefusal:
                 "invalid_value",
             )
         return errors.invalid_body_value(
-            f"Invalid value: {_quote(role)}. Supported values are: {self.supported}.",
+            f"Invalid value: {refusals.quote(role)}. Supported values are: {self.supported}.",
             param,
             "invalid_value",
         )
@@ -253,16 +252,16 @@ def _text_length(content: object, array: str, index: int) -> int:
         return 0  # an assistant message that only calls tools
     if type(content) is not list:
         param = f"{array}[{index}].content"
-        raise _invalid_type(param, "a string or an array of content parts", content)
+        raise refusals.invalid_type(param, "a string or an array of content parts", content)
     total = 0
     for j, part in enumerate(content):
         if type(part) is not dict:
-            raise _invalid_type(f"{array}[{index}].content[{j}]", "an object", part)
+            raise refusals.invalid_type(f"{array}[{index}].content[{j}]", "an object", part)
         text = part.get("text")
         if text is None:
             continue
         if type(text) is not str:
-            raise _invalid_type(f"{array}[{index}].content[{j}].text", "a string", text)
+            raise refusals.invalid_type(f"{array}[{index}].content[{j}].text", "a string", text)
         total += len(text)
     return total
 
@@ -286,10 +285,10 @@ def _response_input(rules: RequestRules) -> Check:
             chars = len(value)
         elif type(value) is list:
             if items_cap is not None and len(value) > items_cap:
-                raise _array_too_long("input", items_cap, len(value))
+                raise refusals.array_too_long("input", items_cap, len(value))
             for i, item in enumerate(value):
                 if type(item) is not dict:
-                    raise _invalid_type(f"input[{i}]", "an object", item)
+                    raise refusals.invalid_type(f"input[{i}]", "an object", item)
                 role = item.get("role")
                 if role is not None and (type(role) is not str or role not in allowed):
                     raise refuse_role(i, role)
@@ -299,7 +298,7 @@ def _response_input(rules: RequestRules) -> Check:
                     if type(output) is str:
                         chars += len(output)
         elif value is not None:
-            raise _invalid_type("input", "a string or an array of input items", value)
+            raise refusals.invalid_type("input", "a string or an array of input items", value)
         instructions = document.get("instructions")
         if instructions is not None:
             if not system_ok:
@@ -311,7 +310,7 @@ def _response_input(rules: RequestRules) -> Check:
                 )
             if chars_cap is not None:
                 if type(instructions) is not str:
-                    raise _invalid_type("instructions", "a string", instructions)
+                    raise refusals.invalid_type("instructions", "a string", instructions)
                 chars += len(instructions)
         if chars_cap is not None and chars > chars_cap:
             raise errors.invalid_body_value(
@@ -341,21 +340,23 @@ def _inputs(key: str, items_cap: int | None, chars_cap: int | None) -> Check:
                 if chars_cap is not None:
                     for i, token in enumerate(value):
                         if type(token) is not int:
-                            raise _invalid_type(f"{key}[{i}]", "an integer (a token id)", token)
+                            raise refusals.invalid_type(
+                                f"{key}[{i}]", "an integer (a token id)", token
+                            )
             else:
                 count, chars = len(value), 0
                 if items_cap is not None and count > items_cap:
-                    raise _array_too_long(key, items_cap, count)
+                    raise refusals.array_too_long(key, items_cap, count)
                 if chars_cap is not None:
                     for i, entry in enumerate(value):
                         if type(entry) is not str and type(entry) is not list:
                             expected = "a string or an array of token ids"
-                            raise _invalid_type(f"{key}[{i}]", expected, entry)
+                            raise refusals.invalid_type(f"{key}[{i}]", expected, entry)
                         chars += len(entry)
         else:
-            raise _invalid_type(key, "a string or an array", value)
+            raise refusals.invalid_type(key, "a string or an array", value)
         if items_cap is not None and count > items_cap:
-            raise _array_too_long(key, items_cap, count)
+            raise refusals.array_too_long(key, items_cap, count)
         if chars_cap is not None and chars > chars_cap:
             raise errors.invalid_body_value(
                 f"Invalid '{key}': text too long. Expected at most {chars_cap} characters in "
@@ -374,14 +375,15 @@ def _model(pattern: re.Pattern[str]) -> Check:
     def check(document: Document) -> None:
         model = document.get("model")
         if model is None:
-            raise _missing("model")
+            raise refusals.missing("model")
         if type(model) is not str:
-            raise _invalid_type("model", "a string", model)
+            raise refusals.invalid_type("model", "a string", model)
         if len(model) > MAX_MODEL_CHARS:
-            raise _string_too_long("model", MAX_MODEL_CHARS, len(model))
+            raise refusals.string_too_long("model", MAX_MODEL_CHARS, len(model))
         if pattern.fullmatch(model) is None:
             raise errors.invalid_body_value(
-                f"Invalid value for 'model': {_quote(model)} is not a model this route serves.",
+                f"Invalid value for 'model': {refusals.quote(model)} is not a model this route "
+                "serves.",
                 "model",
                 "invalid_value",
             )
@@ -395,11 +397,11 @@ def _integer(key: str, low: int | None, high: int | None) -> Check:
         if value is None:
             return
         if type(value) is not int:
-            raise _invalid_type(key, "an integer", value)
+            raise refusals.invalid_type(key, "an integer", value)
         if high is not None and value > high:
-            raise _out_of_range(key, "integer", True, high, value)
+            raise refusals.out_of_range(key, "integer", True, high, value)
         if low is not None and value < low:
-            raise _out_of_range(key, "integer", False, low, value)
+            raise refusals.out_of_range(key, "integer", False, low, value)
 
     return check
 
@@ -410,11 +412,11 @@ def _decimal(key: str, low: float | None, high: float | None) -> Check:
         if value is None:
             return
         if type(value) is not float and type(value) is not int:
-            raise _invalid_type(key, "a number", value)
+            raise refusals.invalid_type(key, "a number", value)
         if high is not None and value > high:
-            raise _out_of_range(key, "decimal", True, high, value)
+            raise refusals.out_of_range(key, "decimal", True, high, value)
         if low is not None and value < low:
-            raise _out_of_range(key, "decimal", False, low, value)
+            raise refusals.out_of_range(key, "decimal", False, low, value)
 
     return check
 
@@ -434,17 +436,17 @@ def _stop(count_cap: int | None, chars_cap: int | None) -> Check:
                     "array_above_max_length",
                 )
             if chars_cap is not None and len(stop) > chars_cap:
-                raise _string_too_long("stop", chars_cap, len(stop))
+                raise refusals.string_too_long("stop", chars_cap, len(stop))
             return
         if type(stop) is not list:
-            raise _invalid_type("stop", "a string or an array of strings", stop)
+            raise refusals.invalid_type("stop", "a string or an array of strings", stop)
         if count_cap is not None and len(stop) > count_cap:
-            raise _array_too_long("stop", count_cap, len(stop))
+            raise refusals.array_too_long("stop", count_cap, len(stop))
         for i, entry in enumerate(stop):
             if type(entry) is not str:
-                raise _invalid_type(f"stop[{i}]", "a string", entry)
+                raise refusals.invalid_type(f"stop[{i}]", "a string", entry)
             if chars_cap is not None and len(entry) > chars_cap:
-                raise _string_too_long(f"stop[{i}]", chars_cap, len(entry))
+                raise refusals.string_too_long(f"stop[{i}]", chars_cap, len(entry))
 
     return check
 
@@ -455,100 +457,8 @@ def _array_length(key: str, cap: int) -> Check:
         if value is None:
             return
         if type(value) is not list:
-            raise _invalid_type(key, "an array", value)
+            raise refusals.invalid_type(key, "an array", value)
         if len(value) > cap:
-            raise _array_too_long(key, cap, len(value))
+            raise refusals.array_too_long(key, cap, len(value))
 
     return check
-
-
-# --- refusals, in OpenAI's words ---------------------------------------------------------------
-
-
-def _missing(param: str) -> errors.GatewayError:
-    return errors.invalid_body_value(
-        f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
-    )
-
-
-def _invalid_type(param: str, expected: str, value: object) -> errors.GatewayError:
-    return errors.invalid_body_value(
-        f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
-        param,
-        "invalid_type",
-    )
-
-
-def _string_too_long(param: str, limit: int, length: int) -> errors.GatewayError:
-    return errors.invalid_body_value(
-        f"Invalid '{param}': string too long. Expected a string with maximum length {limit}, "
-        f"but got a string with length {length} instead.",
-        param,
-        "string_above_max_length",
-    )
-
-
-def _array_too_long(param: str, limit: int, length: int) -> errors.GatewayError:
-    return errors.invalid_body_value(
-        f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
-        f"but got an array with length {length} instead.",
-        param,
-        "array_above_max_length",
-    )
-
-
-def _array_too_short(param: str, limit: int, length: int) -> errors.GatewayError:
-    return errors.invalid_body_value(
-        f"Invalid '{param}': array too short. Expected an array with minimum length {limit}, "
-        f"but got an array with length {length} instead.",
-        param,
-        "array_below_min_length",
-    )
-
-
-def _out_of_range(
-    param: str, kind: str, above: bool, bound: float, value: float
-) -> errors.GatewayError:
-    """``integer_above_max_value``, ``decimal_below_min_value``... as OpenAI names them."""
-    side, code, sign = (
-        ("above maximum", "above_max", "<=") if above else ("below minimum", "below_min", ">=")
-    )
-    return errors.invalid_body_value(
-        f"Invalid '{param}': {kind} {side} value. Expected a value {sign} {_number(bound)}, but "
-        f"got {_number(value)} instead.",
-        param,
-        f"{kind}_{code}_value",
-    )
-
-
-def _kind(value: object) -> str:
-    """A JSON value's type as OpenAI's messages name it ('an integer', 'a decimal number')."""
-    if value is None:
-        return "null"
-    if value is True or value is False:
-        return "a boolean"
-    if type(value) is int:
-        return "an integer"
-    if type(value) is float:
-        return "a decimal number"
-    if type(value) is str:
-        return "a string"
-    if type(value) is list:
-        return "an array"
-    if type(value) is dict:
-        return "an object"
-    return type(value).__name__
-
-
-def _quote(text: str) -> str:
-    """``text`` quoted, cut to a few dozen characters: a message never echoes a long value."""
-    if len(text) > _QUOTE_CHARS:
-        text = text[:_QUOTE_CHARS] + "..."
-    return f"'{text}'"
-
-
-def _number(value: float) -> str:
-    """2.0 as '2', 0.25 as '0.25': the bound as the admin wrote it, the value as sent."""
-    if type(value) is float and value.is_integer() and abs(value) < 1e16:
-        return str(int(value))
-    return repr(value)
