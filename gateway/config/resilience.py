@@ -130,7 +130,7 @@ class HealthCheck(Model):
 class UpstreamTLS(Model):
     """How the gateway checks an https upstream, and how it proves who it is (mTLS). Relative
     file paths are relative to the gateway process's working directory (not to the config
-    file); the files are read at load and at each reload."""
+    file); the files are read at load, and again by a reload when any of them changed."""
 
     ca_file: str | None = Field(
         None,

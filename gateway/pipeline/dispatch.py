@@ -75,7 +75,10 @@ class Dispatch:
         )
 
     def model_for(self, step: Step, target: UpstreamTarget) -> str | None:
-        """The model name ``target`` is asked for at ``step``."""
+        """The model name ``target`` is asked for at ``step``: the body's own when it cannot be
+        rewritten (no ``rename``: a body without a readable model, or a model in the path)."""
+        if self.rename is None:
+            return self.body_model
         model = step.model if step.model is not None else self.body_model
         if model is None:
             return None

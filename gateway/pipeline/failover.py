@@ -40,6 +40,7 @@ from gateway.upstream.seam import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamResponse,
+    UpstreamStreamError,
     UpstreamTimeout,
 )
 from gateway.upstream.targets import UpstreamTarget
@@ -61,6 +62,8 @@ class Answer:
     step: Step
     probe: bool
     sent_at: float  # perf_counter() when this attempt was sent
+    attempt: Try  # its record in the context (the outcome changes if it is retried)
+    asked: str | None  # the model name this attempt asked for
     # Its target's health was told already (an answer that was going to be retried).
     reported: bool = False
 
@@ -88,6 +91,13 @@ class Answer:
         """A later attempt replaces this answer."""
         self.response.close()
         self.target.health.finished()
+
+    def abandon(self) -> None:
+        """The request ended with this answer neither relayed nor replaced (the client left,
+        or reading it failed): close it, and leave its target as if it had not been asked."""
+        self.discard()
+        if self.probe and not self.reported:
+            self.target.health.probe_in_flight = False
 
 
 class Unanswered(Exception):
@@ -144,6 +154,8 @@ async def first_answer(
     jitter = (rng or random).random
     last: Unanswered | None = None
     kept: Answer | None = None
+    current: Answer | None = None
+    stop = False
     try:
         for index, step in enumerate(steps):
             group = step.group
@@ -159,9 +171,10 @@ async def first_answer(
                 if target is None:
                     back = group.next_return(now)
                     # Wait for a target that is out only for a while (a 429's Retry-After)
-                    # when the step may retry at all: an upstream configured for one attempt
-                    # (a single base_url, by default) never delays a request.
-                    if back is not None and back <= deadline and group.attempts > 1:
+                    # when the step may retry at all and there is no next step to go to: an
+                    # upstream configured for one attempt (a single base_url, by default)
+                    # never delays a request, and a chain moves on rather than wait.
+                    if back is not None and back <= deadline and group.attempts > 1 and not later:
                         await sleep(back - now)
                         continue
                     if later or context.attempts:
@@ -176,37 +189,46 @@ async def first_answer(
                         break
                     await sleep(wait)
                 tried.append(target)
-                if kept is not None:
-                    kept.discard()
-                    kept = None
                 answer, failure = await _attempt(dispatch, context, step, target, clock)
                 if failure is not None:
                     last = failure
                     if isinstance(failure.error, _ClientFault) or (
                         isinstance(failure.error, UpstreamTimeout) and not policy.on_timeout
                     ):
-                        raise failure
+                        stop = True  # not to be retried: what was kept, else this failure
+                        break
                     continue
                 assert answer is not None
+                # A new answer replaces the one kept, which stayed open until now so that a
+                # later attempt failing before its head still leaves the upstream's own answer.
+                if kept is not None:
+                    kept.discard()
+                    kept = None
+                current = answer  # discarded by the handler below if anything here raises
                 status = answer.response.status
                 if status in policy.on_status:
-                    _retrying(answer, context, f"status_{status}")
-                    kept = answer
+                    _retrying(answer, f"status_{status}")
+                    kept, current = answer, None
                     continue
                 if later and dispatch.fallback_on:
                     moved = await _falls_back(answer, dispatch)
                     if moved:
-                        _retrying(answer, context, f"fallback_{status}")
-                        kept = answer
+                        _retrying(answer, f"fallback_{status}")
+                        kept, current = answer, None
                         break
                 return answer
+            if stop:
+                break
     except BaseException:
-        if kept is not None:
-            kept.discard()
+        for left in (kept, current):
+            if left is not None:
+                left.abandon()
         raise
     if kept is not None:
         # Relayed after all: its attempt's outcome is the answer's, as any relayed one's.
-        context.tries[-1].outcome = "ok"
+        kept.attempt.outcome = "ok"
+        context.target = kept.target.label
+        context.upstream_model = kept.asked if kept.asked != context.model else None
         return kept
     if last is None:  # every step had attempts >= 1: something was tried
         raise RuntimeError("a request was dispatched to no target")
@@ -246,6 +268,8 @@ async def _attempt(
         if isinstance(exc, UpstreamError):
             _report_failure(step.group, target, probe)
             return None, Unanswered(exc, target)
+        if probe:
+            health.probe_in_flight = False  # says nothing of the target: probe it again
         # A fault in the client itself, not the upstream: an OpenAI-shaped 502 for the caller,
         # the traceback for the operator, and no retry (it would fail the same way).
         logger.exception(
@@ -259,26 +283,30 @@ async def _attempt(
         if probe:
             health.probe_in_flight = False
         raise
-    context.tries.append(Try(target.name, target.target, "ok"))
+    attempt = Try(target.name, target.target, "ok")
+    context.tries.append(attempt)
     context.upstream_model = asked if asked != context.model else None
-    return Answer(response, target, step, probe, sent_at), None
+    return Answer(response, target, step, probe, sent_at, attempt, asked), None
 
 
-def _retrying(answer: Answer, context: RequestContext, why: str) -> None:
+def _retrying(answer: Answer, why: str) -> None:
     """An answer that another attempt may replace: its target's health is told now (so that
-    the next pick already avoids it), and the attempt's outcome says why."""
+    the next pick already avoids it), and the attempt's outcome says why. A ``Retry-After`` (on
+    a 429, or a 503: RFC 9110 §10.2.3) rests the target for that long."""
     response = answer.response
     target = answer.target
-    context.tries[-1].outcome = why
+    answer.attempt.outcome = why
     answer.reported = True
-    if response.status == 429:
+    status = response.status
+    if status in (429, 503):
         wait = retry_after_seconds(response.raw_headers, time.time())
         if wait is not None:
             target.health.rest(wait)
-        if answer.probe:
-            target.health.probe_in_flight = False
-    elif response.status >= 500:
+    if status >= 500:
         _report_failure(answer.step.group, target, answer.probe)
+    elif status == 429:
+        if answer.probe:
+            target.health.probe_in_flight = False  # neither a success nor a failure
     elif target.health.succeeded(answer.probe):
         logger.info("upstream target '%s' is back in service", target.label)
 
@@ -304,7 +332,13 @@ async def _falls_back(answer: Answer, dispatch: Dispatch) -> bool:
         return False
     if any(rule.code is None for rule in rules):
         return True
-    held, complete = await hold_body(response.read_chunk, None, FALLBACK_BODY_BYTES)
+    try:
+        held, complete = await hold_body(response.read_chunk, None, FALLBACK_BODY_BYTES)
+    except UpstreamStreamError:
+        # Cut before its code could be read: it cannot be relayed whole, so the chain moves on
+        # (kept, it is relayed cut, as the client would have seen it, only if nothing else is).
+        answer.response = _Replayed(response, [], False)
+        return True
     answer.response = _Replayed(response, held, complete)
     code = _error_code(b"".join(held), response.raw_headers) if complete else None
     return code is not None and any(rule.code == code for rule in rules)

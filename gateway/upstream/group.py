@@ -30,6 +30,8 @@ class UpstreamGroup:
     # Every target's secrets, longest first: an answer is masked with all of them (a target's
     # error may quote a sibling's key, when they share a proxy or a deployment).
     secrets: tuple[bytes, ...]
+    # The TLS files as they were when the pools were made (``tls.tls_files_stamp``).
+    tls_stamp: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def retry(self) -> RetryPolicy:
@@ -100,6 +102,7 @@ def build_group(
     upstream: Upstream,
     targets: Sequence[UpstreamTarget],
     make_balancer: Callable[[str], Balancer],
+    tls_stamp: tuple[tuple[str, int, int], ...] = (),
 ) -> UpstreamGroup:
     return UpstreamGroup(
         name=name,
@@ -108,4 +111,5 @@ def build_group(
         balancer=make_balancer(upstream.balance),
         attempts=default_attempts(upstream),
         secrets=all_secrets(targets),
+        tls_stamp=tls_stamp,
     )

@@ -33,11 +33,12 @@ def retry_after_seconds(
 
 
 def _retry_after(value: str, now: float | None) -> float | None:
-    if value.isdigit():
+    # isdigit() alone is true of '²' and other non-ASCII digits, which float() refuses.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     wall = time.time() if now is None else now
     return max(0.0, when.timestamp() - wall)

@@ -15,6 +15,7 @@ Relative paths are relative to the process's working directory, as ``open()`` ha
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 
 from gateway.config.resilience import UpstreamTLS
@@ -64,14 +65,36 @@ def client_ssl_context(tls: UpstreamTLS, *, upstream: str | None = None) -> ssl.
         # Order matters: CERT_NONE is refused while check_hostname is on.
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        named = f"upstream {upstream!r}" if upstream else "an upstream"
-        logger.warning(
-            "TLS verification is OFF for %s (tls.verify: false): its certificate and name are "
-            "NOT checked, so anyone on the path can pose as it and receive the API keys and "
-            "prompts sent to it. Use this only in a lab; give tls.ca_file for an internal CA.",
-            named,
-        )
+        warn_unverified(upstream)
     return context
+
+
+def warn_unverified(upstream: str | None) -> None:
+    """The warning an upstream with ``verify: false`` gets at every load and reload."""
+    named = f"upstream {upstream!r}" if upstream else "an upstream"
+    logger.warning(
+        "TLS verification is OFF for %s (tls.verify: false): its certificate and name are "
+        "NOT checked, so anyone on the path can pose as it and receive the API keys and "
+        "prompts sent to it. Use this only in a lab; give tls.ca_file for an internal CA.",
+        named,
+    )
+
+
+def tls_files_stamp(tls: UpstreamTLS) -> tuple[tuple[str, int, int], ...]:
+    """Each TLS file's path, modification time and size: a reload reuses an upstream's pools
+    (and the context they hold) only while these are unchanged, so a certificate rotated in
+    place (cert-manager, a mounted Secret) is read by the next reload."""
+    stamp = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        if path is None:
+            continue
+        try:
+            info = os.stat(path)
+        except OSError:
+            stamp.append((path, -1, -1))
+        else:
+            stamp.append((path, info.st_mtime_ns, info.st_size))
+    return tuple(stamp)
 
 
 def tls_problem(tls: UpstreamTLS) -> str | None:

@@ -200,3 +200,40 @@ async def test_metrics_can_be_turned_off_or_put_behind_the_admin_key(
         assert (await call(app, "GET", "/metrics")).status == 404
         bearer = [("authorization", f"Bearer {ADMIN}")]
         assert (await call(app, "GET", "/metrics", headers=bearer)).status == 200
+
+
+async def test_attempts_retries_ejections_and_targets_in_service_are_counted() -> None:
+    targets = CONFIG.replace(
+        '  main: {base_url: "http://upstream.test/v1", auth: {style: bearer, key: ' + SECRET + "}}",
+        "  main:\n"
+        "    auth: {style: bearer, key: " + SECRET + "}\n"
+        "    targets:\n"
+        '      - {name: a, base_url: "http://a.test/v1", weight: 1000000}\n'
+        '      - {name: b, base_url: "http://b.test/v1"}\n'
+        "    outlier: {consecutive_failures: 2, base_ejection: 60}",
+    ).replace("limits: {requests_per_minute: 600, request_burst: 3}", "limits: {}")
+    upstream = StandInUpstream(
+        lambda request: (
+            Scripted(fault=UpstreamConnectError("refused"))
+            if "//a." in request.url
+            else json_answer(USAGE)
+        )
+    )
+    async with in_process_gateway(targets, upstream) as gateway:
+        for _ in range(3):
+            response = await call(
+                gateway, "POST", "/v1/chat/completions", headers=AUTH, body=chat()
+            )
+            assert response.status == 200
+        text = await scrape(gateway)
+    attempts = "gateway_upstream_attempts_total"
+    # a refused twice, then it was ejected and only b was asked.
+    assert value(text, attempts, upstream="main", target="a", outcome="connect") == 2
+    assert value(text, attempts, upstream="main", target="b", outcome="ok") == 3
+    assert value(text, "gateway_upstream_retries_total", upstream="main", reason="connect") == 2
+    ejections = "gateway_upstream_target_ejections_total"
+    assert value(text, ejections, upstream="main", target="a") == 1
+    in_service = "gateway_upstream_target_in_service"
+    assert value(text, in_service, upstream="main", target="a") == 0
+    assert value(text, in_service, upstream="main", target="b") == 1
+    assert "a.test" not in text  # a target's name, never its URL

@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 import orjson
 
+from gateway.app import Gateway
 from gateway.auth import hash_key
+from gateway.upstream.health import TargetHealth
 from gateway.upstream.seam import OutboundRequest, UpstreamConnectError, UpstreamTimeout
 from tests.support.standin import Scripted, StandInUpstream, call, in_process_gateway, json_answer
 
@@ -366,3 +368,123 @@ async def test_a_retry_after_beyond_the_budget_is_not_waited_and_the_429_is_rela
     assert response.headers["retry-after"] == "10"
     assert elapsed < 0.5
     assert len(upstream.requests) == 1
+
+
+# -- nothing is left behind, whatever ends the request -------------------------------------
+
+TWO_AND_BIG = """\
+  main:
+    targets:
+      - {name: a, base_url: "http://a.test/v1"}
+      - {name: a2, base_url: "http://a2.test/v1"}
+    retry: {attempts: 1}
+  big:
+    base_url: "http://b.test/v1"
+"""
+
+
+def health_of(gateway: Gateway, upstream: str, name: str) -> TargetHealth:
+    return next(t.health for t in gateway.runtime().upstreams[upstream].targets if t.target == name)
+
+
+async def test_a_fallback_error_body_cut_while_read_leaks_no_count_and_no_probe() -> None:
+    def cut_400() -> Scripted:
+        return Scripted(400, ((b"content-type", b"application/json"),), (b'{"error":',), 0)
+
+    upstream = by_host(a=cut_400, a2=cut_400, b=ok)
+    async with in_process_gateway(config(TWO_AND_BIG, FALLBACK_MODELS), upstream) as gateway:
+        main = [health_of(gateway, "main", name) for name in ("a", "a2")]
+        for health in main:  # both just out of an ejection: the next request probes one
+            health.probation, health.ejections, health.ejected_until = True, 1, 0.0
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+    assert response.status == 200  # the chain moved on to big
+    assert all(h.outstanding == 0 and not h.probe_in_flight for h in main)
+    assert all(r.closed or r.released for r in upstream.responses)
+
+
+async def test_a_client_leaving_while_a_fallback_error_body_is_read_leaks_nothing() -> None:
+    def slow_400() -> Scripted:
+        body = (b'{"error": {"code": "context_length_exceeded"}}',)
+        return Scripted(400, ((b"content-type", b"application/json"),), body, chunk_delay=1.0)
+
+    upstream = by_host(a=slow_400, a2=slow_400, b=ok)
+    async with in_process_gateway(config(TWO_AND_BIG, FALLBACK_MODELS), upstream) as gateway:
+        await call(
+            gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT, disconnect_after=0.2
+        )
+        targets = gateway.runtime().upstreams["main"].targets
+        assert sum(t.health.outstanding for t in targets) == 0
+    assert all(r.closed for r in upstream.responses)
+
+
+async def test_a_client_fault_on_a_probe_leaves_the_target_to_be_probed_again() -> None:
+    def broken() -> Scripted:
+        return Scripted(fault=RuntimeError("a bug in the HTTP client"))
+
+    upstream = by_host(a=broken, b=ok, c=ok)
+    async with in_process_gateway(config(THREE), upstream) as gateway:
+        probed = health_of(gateway, "main", "a")
+        probed.probation, probed.ejections, probed.ejected_until = True, 1, 0.0
+        for name in ("b", "c"):  # a is the only usable candidate
+            health_of(gateway, "main", name).rested_until = 1e12
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+    assert response.status == 502
+    assert not probed.probe_in_flight
+
+
+async def test_an_unreadable_retry_after_is_ignored_not_a_500() -> None:
+    def odd_429() -> Scripted:
+        return Scripted(429, ((b"retry-after", b"\xb2"),), (b"{}",))
+
+    upstream = by_host(a=odd_429, b=ok, c=ok)
+    yaml = THREE.replace('"http://a.test/v1"}', '"http://a.test/v1", weight: 1000000}')
+    async with in_process_gateway(config(yaml), upstream) as gateway:
+        for _ in range(3):
+            response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+            assert response.status == 200
+
+
+async def test_a_client_leaving_during_a_retry_after_wait_closes_the_kept_answer() -> None:
+    def busy() -> Scripted:
+        return Scripted(429, ((b"retry-after", b"1"),), (b"{}",))
+
+    upstream = by_host(a=busy)
+    yaml = '  main:\n    base_url: "http://a.test/v1"\n    retry: {attempts: 2, budget: 5}\n'
+    async with in_process_gateway(config(yaml), upstream) as gateway:
+        await call(
+            gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT, disconnect_after=0.2
+        )
+        assert health_of(gateway, "main", "default").outstanding == 0
+    assert upstream.responses[0].closed
+
+
+async def test_a_503_then_a_refused_connection_relays_the_upstreams_503() -> None:
+    two = """\
+  main:
+    targets:
+      - {name: a, base_url: "http://a.test/v1", weight: 1000000}
+      - {name: b, base_url: "http://b.test/v1"}
+    outlier: {enabled: false}
+"""
+    upstream = by_host(a=unavailable, b=refuse)
+    async with in_process_gateway(config(two), upstream) as gateway:
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+    assert response.status == 503  # the upstream's own answer beats the gateway's 502
+    assert response.json()["error"]["message"] == "overloaded"
+
+
+async def test_a_chain_moves_on_rather_than_wait_for_a_rested_primary() -> None:
+    def busy() -> Scripted:
+        return Scripted(429, ((b"retry-after", b"2"),), (b"{}",))
+
+    upstreams = TWO_AND_BIG.replace("    retry: {attempts: 1}\n", "")
+    models = "  gpt-4o:\n    upstream: main\n    fallbacks: [{upstream: big, model: gpt-4o-long}]\n"
+    upstream = by_host(a=busy, a2=busy, b=ok)
+    async with in_process_gateway(config(upstreams, models), upstream) as gateway:
+        await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+        started = time.monotonic()
+        response = await call(gateway, "POST", "/v1/chat/completions", headers=AUTH, body=CHAT)
+        elapsed = time.monotonic() - started
+    assert response.status == 200
+    assert response.headers["x-gateway-target"] == "big"
+    assert elapsed < 0.5

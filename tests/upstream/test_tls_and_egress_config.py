@@ -8,17 +8,23 @@ drives it.
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trustme
 
 from gateway.app import Gateway
 from gateway.auth import hash_key
 from gateway.config.errors import ConfigError
 from gateway.config.loader import parse_config_text
+from gateway.upstream.seam import UpstreamClient
 from tests.support.connectproxy import ConnectProxy
 from tests.support.rawserver import answering
-from tests.support.standin import call
+from tests.support.standin import StandInUpstream, call
 from tests.support.tlsorigin import TLSServer, make_pki, server_context
 
 KEY = "sk-gw-tls-wiring"
@@ -103,3 +109,37 @@ def test_a_bad_tls_file_or_proxy_is_refused_at_load_with_its_place(
     message = str(refused.value)
     assert place in message
     assert said in message
+
+
+async def test_a_reload_makes_new_pools_when_a_tls_file_changed_in_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = make_pki(tmp_path)
+    made: list[object] = []
+    upstream = StandInUpstream()
+    pool = upstream.factory
+
+    def factory(**settings: Any) -> UpstreamClient:
+        made.append(settings["tls"])
+        return pool(**settings)
+
+    text = yaml(f"    base_url: https://vllm.internal/v1\n    tls: {{ca_file: {pki.ca_file}}}\n")
+    config = parse_config_text(text, env={})
+    app = Gateway(config, client_factory=factory)
+    await app.startup()
+    try:
+        await app.apply(parse_config_text(text, env={}))
+        assert len(made) == 1  # nothing changed: the warm pool stays
+        other = trustme.CA()
+        other.cert_pem.write_to_path(str(pki.ca_file))  # rotated in place, same path
+        os.utime(pki.ca_file, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+        await app.apply(parse_config_text(text, env={}))
+        assert len(made) == 2  # read again: a new context, new pools
+        unverified = yaml("    base_url: https://vllm.internal/v1\n    tls: {verify: false}\n")
+        await app.apply(parse_config_text(unverified, env={}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gateway.upstream.tls"):
+            await app.apply(parse_config_text(unverified, env={}))
+        assert any("TLS verification is OFF" in r.getMessage() for r in caplog.records)
+    finally:
+        await app.shutdown()
