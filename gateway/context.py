@@ -54,7 +54,7 @@ class RequestContext:
     own: bool = False
     # The limit decision: "allowed", "refused", "degraded" (Redis failed, a fallback decided),
     # or None when no limit applies to the request; for a refusal, why: "requests", "tokens",
-    # "concurrency" or "unavailable" (the shared limits could not be checked).
+    # "concurrency", "budget" or "unavailable" (the shared limits could not be checked).
     limit: str | None = None
     limit_reason: str | None = None
     # limits.max_wait: milliseconds the request slept until its slot (also when the client left
@@ -84,6 +84,9 @@ class RequestContext:
     client_gone: bool = False
     tokens_in: int | None = None
     tokens_out: int | None = None
+    # What the reported usage cost at the configured prices, in micro-dollars; None without
+    # usage or a price (gateway/accounting/accounts.py).
+    cost_micro_usd: int | None = None
 
     @property
     def elapsed(self) -> float:

@@ -336,6 +336,15 @@ def rate_limited(
     return GatewayError(429, message, type=kind, code="rate_limit_exceeded", headers=headers)
 
 
+def budget_exceeded(message: str, headers: Sequence[tuple[bytes, bytes]]) -> GatewayError:
+    """429 ``budget_exceeded``: the key or its team has spent its budget (``limits.*.budget``).
+    The type is OpenAI's for a spent quota, ``insufficient_quota``, so that code handling
+    OpenAI's own billing refusal handles this one."""
+    return GatewayError(
+        429, message, type="insufficient_quota", code="budget_exceeded", headers=headers
+    )
+
+
 def limits_unavailable(message: str, headers: Sequence[tuple[bytes, bytes]]) -> GatewayError:
     """503: the shared limits could not be checked and ``redis.on_failure`` is ``closed``."""
     return GatewayError(

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from gateway.accounting.accounts import Accounts
 from gateway.auth import AdminKeys, KeyRing, admin_keys
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
@@ -24,7 +25,7 @@ from gateway.upstream.group import UpstreamGroup, build_group
 from gateway.upstream.health import HealthRegistry
 from gateway.upstream.seam import ClientFactory, UpstreamClient
 from gateway.upstream.targets import UpstreamTarget, build_target
-from gateway.upstream.tls import client_ssl_context
+from gateway.upstream.tls import client_ssl_context, tls_files_stamp, warn_unverified
 
 # The admin API is off: no admin key opens it.
 _NO_ADMIN_KEYS = AdminKeys({})
@@ -44,6 +45,8 @@ class Runtime:
     concurrency: Mapping[str, ConcurrencyCaps]
     # Shared by every snapshot (its buckets outlive a reload); owned by the app's lifespan.
     limiter: Limiter
+    # Usage accounting and budgets: which keys are accounted, their budgets, the prices.
+    accounts: Accounts
     # Model names the config lists (aliases, keys' exact model names, per-model limits): the
     # only ones metrics may use as label values.
     known_models: frozenset[str] = frozenset()
@@ -72,6 +75,7 @@ class Tables:
     keys: KeyRing
     planner: Planner
     concurrency: Mapping[str, ConcurrencyCaps]
+    accounts: Accounts
     validators: Mapping[str, RequestValidator] = field(default_factory=dict)
 
 
@@ -81,6 +85,7 @@ def build_tables(config: GatewayConfig, previous: Runtime | None = None) -> Tabl
         keys=KeyRing(config.keys, previous.keys if previous else None),
         planner=Planner.from_config(config, previous.planner if previous else None),
         concurrency=concurrency_caps(config),
+        accounts=Accounts(config),
         validators=request_validators(config),
     )
 
@@ -103,14 +108,17 @@ def build_runtime(
     kept: set[tuple[str, str, str]] = set()
     for name, upstream in config.upstreams.items():
         old = previous.upstreams.get(name) if previous else None
+        stamp = tls_files_stamp(upstream.tls)
         reusable = (
             {t.target: t.client for t in old.targets}
-            if old is not None and old.config == upstream
+            if old is not None and old.config == upstream and old.tls_stamp == stamp
             else {}
         )
         checked = upstream.health_check is not None
         # Once per upstream and load: it reads the files (and warns about verify: false).
         tls = client_ssl_context(upstream.tls, upstream=name) if not reusable else None
+        if reusable and not upstream.tls.verify:
+            warn_unverified(name)  # at every load, as when the context is made
         targets = []
         for target in upstream.target_list():
             assert target.name is not None  # target_list names every target
@@ -126,7 +134,7 @@ def build_runtime(
             targets.append(
                 build_target(name, upstream, client, target, state, proxy_secrets(proxy))
             )
-        upstreams[name] = build_group(name, upstream, targets, balancer)
+        upstreams[name] = build_group(name, upstream, targets, balancer, stamp)
     health.keep_only(kept)
     if tables is None:
         tables = build_tables(config, previous)
@@ -140,6 +148,7 @@ def build_runtime(
         planner=tables.planner,
         concurrency=tables.concurrency,
         limiter=limiter,
+        accounts=tables.accounts,
         known_models=listed_models(config),
         admin_keys=admin_keys(config.admin.keys),
         validators=tables.validators,
@@ -148,7 +157,7 @@ def build_runtime(
 
 def listed_models(config: GatewayConfig) -> frozenset[str]:
     """The model names an admin wrote down (patterns such as 'gpt-4o*' are not names)."""
-    named = set(config.models) | set(config.limits.models)
+    named = set(config.models) | set(config.limits.models) | set(config.prices.models)
     for key in config.keys:
         named.update(m for m in key.models if not any(c in m for c in "*?["))
     return frozenset(named)

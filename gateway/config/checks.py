@@ -289,6 +289,14 @@ def _limits(config: GatewayConfig, skip: Unverified) -> Iterator[Problem]:
                     "max_concurrent applies to keys (keys[].limits, limits.default) and teams "
                     "(limits.teams) only",
                 )
+            # Money is spent by a key or a team; a budget per route or model would be a second
+            # account for the same dollars (gateway/accounting/accounts.py).
+            if limits.budget is not None:
+                yield (
+                    format_path(("limits", section, name, "budget")),
+                    "budget applies to keys (keys[].limits, limits.default) and teams "
+                    "(limits.teams) only",
+                )
     for section in ("teams", "routes", "models"):
         for name, limits in getattr(config.limits, section).items():
             # How long a request may wait is the key's (or, on a route, the route's) to say;

@@ -11,6 +11,7 @@ import re
 from pydantic import Field, field_validator
 
 from gateway.config.fields import Model, Name
+from gateway.config.spend import Budget
 
 __all__ = ["KEY_HASH_PATTERN", "ApiKey", "Limits", "LimitsSection", "check_key_hash"]
 
@@ -46,6 +47,12 @@ class Limits(Model):
         ge=1,
         description="With max_wait: the key's requests waiting at once, per gateway process "
         "(default 100); one more gets the 429 at once. Applies to keys only.",
+    )
+    budget: Budget | None = Field(
+        None,
+        description="Money the key (keys[].limits; limits.default: each key its own) or the "
+        "team (limits.teams: shared) may spend per UTC day and month, at the prices of "
+        "'prices'; 429 budget_exceeded beyond. Applies to keys and teams. Default: none.",
     )
 
 

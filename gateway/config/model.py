@@ -14,6 +14,8 @@ that section and are importable from here too:
 - ``upstreams`` and ``models``: ``gateway.config.upstreams`` (``Upstream``, ``Timeouts``,
   ``ModelAlias``...);
 - ``keys`` and ``limits``: ``gateway.config.keys`` (``ApiKey``, ``Limits``, ``LimitsSection``);
+- ``prices``, ``usage`` and a limit's ``budget``: ``gateway.config.spend`` (``PricesSection``,
+  ``ModelPrice``, ``UsageSettings``, ``Budget``);
 - ``admin`` and ``metrics``: ``gateway.config.operations`` (``AdminSettings``, ``AdminKey``,
   ``MetricsSettings``);
 - ``server`` and ``redis``: ``gateway.config.settings`` (``ServerSettings``,
@@ -30,6 +32,7 @@ from gateway.config.operations import AdminKey, AdminSettings, MetricsSettings
 from gateway.config.request_rules import RequestRules
 from gateway.config.routes import Alias, Route
 from gateway.config.settings import ConnectionSettings, RedisSettings, ServerSettings
+from gateway.config.spend import Budget, ModelPrice, PricesSection, UsageSettings
 from gateway.config.upstreams import ModelAlias, Timeouts, Upstream, UpstreamAuth
 
 __all__ = [
@@ -37,12 +40,15 @@ __all__ = [
     "AdminSettings",
     "Alias",
     "ApiKey",
+    "Budget",
     "ConnectionSettings",
     "GatewayConfig",
     "Limits",
     "LimitsSection",
     "MetricsSettings",
     "ModelAlias",
+    "ModelPrice",
+    "PricesSection",
     "RedisSettings",
     "RequestRules",
     "Route",
@@ -50,6 +56,7 @@ __all__ = [
     "Timeouts",
     "Upstream",
     "UpstreamAuth",
+    "UsageSettings",
 ]
 
 
@@ -94,5 +101,11 @@ class GatewayConfig(Model):
     )
     keys: tuple[ApiKey, ...] = ()
     limits: LimitsSection = Field(default_factory=lambda: LimitsSection())
+    prices: PricesSection = Field(
+        default_factory=lambda: PricesSection(),
+        description="USD per million tokens per model: the cost GET /admin/usage shows and "
+        "budgets (limits.*.budget) are charged. Default: none, every model unpriced.",
+    )
+    usage: UsageSettings = Field(default_factory=lambda: UsageSettings())
     admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())

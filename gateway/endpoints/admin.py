@@ -17,6 +17,8 @@ Endpoints (all JSON, ``Cache-Control: no-store``):
 - ``GET /admin/keys``: keys by name and team, their limits, requests in flight and bucket levels;
 - ``GET /admin/upstreams``: each upstream's recent health as this process saw it;
 - ``GET /admin/errors``: the last failed requests (ids, routes, statuses, kinds; no bodies);
+- ``GET /admin/usage``: requests, tokens and cost per key, team, model and period, and the
+  budgets (``gateway/accounting/report.py``);
 - ``GET /admin/health``: connections, limits (Redis breaker), request bodies, forwarded headers;
 - ``POST /admin/reload``: reload the config in every worker and say which it reached;
 - ``GET /admin/status``: the status page for people (``status_page.html``).
@@ -35,7 +37,9 @@ from urllib.parse import urlsplit
 import orjson
 
 from gateway import errors
+from gateway.accounting.report import parse_query, usage_report
 from gateway.auth import basic_password, presented_key
+from gateway.limits.redis_limiter import FAILURES
 from gateway.types import Receive, Scope, Send
 from gateway.upstream.targets import UpstreamTarget
 
@@ -96,6 +100,7 @@ class AdminApi:
             ("GET", "keys"): _keys,
             ("GET", "upstreams"): _upstreams,
             ("GET", "errors"): _errors,
+            ("GET", "usage"): _usage,
             ("GET", "health"): _health,
             ("POST", "reload"): _reload,
         }
@@ -129,7 +134,11 @@ class AdminApi:
                 refusal = errors.unknown_route(scope["method"], scope["path"])
             await refusal.send(send, [(b"cache-control", b"no-store")])
             return
-        document = await handler(gateway, scope, receive)
+        try:
+            document = await handler(gateway, scope, receive)
+        except errors.GatewayError as refusal:  # a bad query (400), the store failing (503)
+            await refusal.send(send, [(b"cache-control", b"no-store")])
+            return
         await _send(send, 200, _JSON_HEADERS, orjson.dumps(document))
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
@@ -282,6 +291,24 @@ def target_state(target: UpstreamTarget, now: float) -> dict[str, Any]:
 
 async def _errors(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:
     return {"errors": list(gateway.recent.errors), "pid": os.getpid()}
+
+
+async def _usage(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:
+    runtime = gateway.runtime()
+    accounts = runtime.accounts
+    query = parse_query(scope.get("query_string", b""), accounts, accounts.clock.time())
+    try:
+        report = await usage_report(query, accounts, runtime.limiter)
+    except FAILURES as exc:
+        raise errors.GatewayError(
+            503,
+            f"The usage counters could not be read ({type(exc).__name__}); try again shortly.",
+            type="api_error",
+            code="usage_unavailable",
+            headers=[(b"retry-after", b"1")],
+        ) from None
+    store = "redis" if runtime.config.redis.url else "local"
+    return {**report, "store": store, "pid": os.getpid()}
 
 
 async def _health(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:

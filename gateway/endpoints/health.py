@@ -84,6 +84,9 @@ def health_detail(gateway: Gateway) -> dict[str, Any]:
         "degraded_decisions": stats.degraded,
         "redis_errors": stats.redis_errors,
         "breaker_trips": stats.breaker_trips,
+        # Settled requests whose usage and spend wait for Redis, and those dropped meanwhile.
+        "usage_pending": stats.usage_pending,
+        "usage_dropped": stats.usage_dropped,
         # closed, open or half-open; and the last failure's class and time only: its text may
         # name hosts.
         "breaker": stats.breaker if redis else None,

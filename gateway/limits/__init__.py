@@ -2,6 +2,9 @@
 
 How the proxy uses them, per request::
 
+    spend = await limiter.reserve(account.spend_plan(cost, periods))  # only with a budget
+    if not spend.allowed:
+        raise spend.error(now)  # 429 budget_exceeded, before any rate limit is charged
     plan = planner.charges(key=key, route=route, model=model, tokens=estimate_tokens(body, d))
     decision = await limiter.admit(plan)  # one Redis round trip; all buckets debited or none
     if not decision.allowed:
@@ -9,7 +12,8 @@ How the proxy uses them, per request::
     if decision.wait_ms:  # limits.max_wait: admitted for a slot in the future
         waited = await wait_for_slot(limiter, decision, receive, context)  # or gives it back
     ...  # relay, feeding every chunk to a UsageTap
-    await limiter.settle(decision, usage.total_tokens if usage else None)  # off the hot path
+    # off the hot path, one call: the buckets' correction, usage counters, budget correction
+    await limiter.settle(decision, usage.total_tokens if usage else None, entry)
 
 and adds ``decision.headers(waited)`` to the response.
 """

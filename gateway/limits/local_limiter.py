@@ -13,6 +13,9 @@ acceptable for a per-process fallback).
 Waiting for capacity (``limits.max_wait``) works as in the script: a short request whose wait
 fits is debited now, into debt, and admitted after the wait. A give-back recognises "nothing was
 written since" by the identity of the state it wrote: every write stores a new list.
+
+Usage counters and budgets are kept beside the buckets, in a ``LocalLedger``
+(``gateway/accounting/local_ledger.py``), with the same scripts' semantics.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
+from gateway.accounting.budgets import SpendDecision, SpendPlan
+from gateway.accounting.ledger import Entry
+from gateway.accounting.local_ledger import LocalLedger
 from gateway.limits.buckets import Bucket, BucketSet, Decision, Plan, Scheduled
 from gateway.limits.limiter import LimiterStats
 from gateway.limits.lua import NEVER_TTL_MS
@@ -44,6 +50,8 @@ class LocalLimiter:
         self.stats = stats if stats is not None else LimiterStats()
         # Requests of each key sleeping until their slot; the Redis limiter shares it.
         self.room = WaitingRoom()
+        # Usage counters and budget spend (the Redis limiter's fallback for them too).
+        self.ledger = LocalLedger()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -139,10 +147,26 @@ class LocalLimiter:
             plan, False, retry_ms, tuple(remaining), tuple(reset), limiting, degraded=degraded
         )
 
-    async def settle(self, decision: Decision, actual_tokens: int | None) -> None:
-        if actual_tokens is None or not decision.allowed:
-            return
-        self.settle_now(decision.plan, actual_tokens - decision.plan.tokens)
+    async def settle(
+        self, decision: Decision | None, actual_tokens: int | None, entry: Entry | None = None
+    ) -> None:
+        if decision is not None and actual_tokens is not None and decision.allowed:
+            self.settle_now(decision.plan, actual_tokens - decision.plan.tokens)
+        if entry is not None:
+            self.ledger.apply(entry, entry.spend_correction)
+
+    async def reserve(self, plan: SpendPlan) -> SpendDecision:
+        return self.ledger.reserve(plan)
+
+    async def release(self, decision: SpendDecision) -> None:
+        if decision.allowed:
+            self.ledger.apply(decision.release(), -decision.plan.reserve)
+
+    async def read_hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        return [self.ledger.hgetall(key) for key in keys]
+
+    async def read_counters(self, keys: Sequence[str]) -> list[int]:
+        return [self.ledger.get(key) for key in keys]
 
     def waited(self, decision: Decision) -> None:
         self.room.leave(decision.plan.key_name)

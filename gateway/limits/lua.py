@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gateway.accounting.ledger import Entry
     from gateway.limits.buckets import Bucket
 
 # How long a bucket that never refills keeps its state (rate 0 with a burst: a quota).
@@ -126,26 +127,80 @@ return out
 """
 )
 
-# ARGV: per token bucket i: capacity, refill per ms; ARGV[#ARGV] is the correction in tokens:
-# positive debits more (the bucket may go negative: overuse is paid back by waiting), negative
-# refunds (never above capacity).
+# Settles a finished request in one call (docs/design.md §3 "Limits", gateway/accounting/ledger.py):
+# its token buckets' correction, its usage counters and its budget correction, any of them empty.
+# KEYS: the token buckets (n), the usage hashes (u), the spend counters (s).
+# ARGV[1] = n; per bucket i: capacity ARGV[2i], refill per ms ARGV[2i+1]; ARGV[2n+2] the tokens
+# correction: positive debits more (the bucket may go negative: overuse is paid back by
+# waiting), negative refunds (never above capacity). Then u and s; each usage hash's expiry
+# (ms); the spend correction (micro-dollars); each spend counter's expiry; and last the
+# (field, increment) pairs added to every usage hash.
 SETTLE = (
     _BUCKETS
     + """
-local n = #KEYS
-local delta = tonumber(ARGV[2 * n + 1])
-for i = 1, n do
-  local cap, rate = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  local v = math.min(cap, level(KEYS[i], cap, rate) - delta)
-  if v >= cap then
-    redis.call('DEL', KEYS[i])
-  else
-    store(KEYS[i], cap, rate, v)
+local n = tonumber(ARGV[1])
+local delta = tonumber(ARGV[2 * n + 2])
+if delta ~= 0 then
+  for i = 1, n do
+    local cap, rate = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    local v = math.min(cap, level(KEYS[i], cap, rate) - delta)
+    if v >= cap then
+      redis.call('DEL', KEYS[i])
+    else
+      store(KEYS[i], cap, rate, v)
+    end
+  end
+end
+local base = 2 * n + 3
+local u, s = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+local fields = base + u + s + 3
+for j = 1, u do
+  local key = KEYS[n + j]
+  for f = fields, #ARGV, 2 do
+    redis.call('HINCRBY', key, ARGV[f], ARGV[f + 1])
+  end
+  redis.call('PEXPIRE', key, ARGV[base + 1 + j])
+end
+local spend = ARGV[base + u + 2]
+if tonumber(spend) ~= 0 then
+  for k = 1, s do
+    local key = KEYS[n + u + k]
+    redis.call('INCRBY', key, spend)
+    redis.call('PEXPIRE', key, ARGV[base + u + 2 + k])
   end
 end
 return n
 """
 )
+
+# Reserves a request's estimated cost on every budget that applies to it, or on none
+# (gateway/accounting/budgets.py). KEYS: the spend counters, one per budget and period.
+# ARGV: per counter i: its limit ARGV[2i-1] and expiry ARGV[2i] (ms); ARGV[#ARGV] the
+# reservation (micro-dollars). A counter refuses when it is spent (at or past its limit) or the
+# reservation would take it past its limit. Reply: {1 when every counter took the reservation,
+# else 0 and nothing was written; then per counter what it holds (after the reservation when
+# taken)}.
+SPEND = """
+local n = #KEYS
+local reserve = tonumber(ARGV[2 * n + 1])
+local spent = {}
+local ok = 1
+for i = 1, n do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local limit = tonumber(ARGV[2 * i - 1])
+  if v >= limit or v + reserve > limit then ok = 0 end
+  spent[i] = v
+end
+local out = {ok}
+for i = 1, n do
+  if ok == 1 and reserve ~= 0 then
+    spent[i] = redis.call('INCRBY', KEYS[i], reserve)
+    redis.call('PEXPIRE', KEYS[i], ARGV[2 * i])
+  end
+  out[1 + i] = spent[i]
+end
+return out
+"""
 
 # ARGV: per bucket i: capacity, refill per ms. Reply: each bucket's level now, as a string (Lua
 # numbers become integers in replies), nothing debited. For the admin API, not the hot path.
@@ -201,7 +256,8 @@ return out
 ADMIT_SHA = hashlib.sha1(ADMIT.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 SETTLE_SHA = hashlib.sha1(SETTLE.encode()).hexdigest()  # noqa: S324
 GIVE_BACK_SHA = hashlib.sha1(GIVE_BACK.encode()).hexdigest()  # noqa: S324
-_SCRIPTS = {ADMIT_SHA: ADMIT, SETTLE_SHA: SETTLE, GIVE_BACK_SHA: GIVE_BACK}
+SPEND_SHA = hashlib.sha1(SPEND.encode()).hexdigest()  # noqa: S324
+_SCRIPTS = {ADMIT_SHA: ADMIT, SETTLE_SHA: SETTLE, GIVE_BACK_SHA: GIVE_BACK, SPEND_SHA: SPEND}
 
 
 def _rate(bucket: Bucket) -> str:
@@ -228,16 +284,59 @@ def _bucket_args(sha: str, buckets: Sequence[Bucket]) -> list[str]:
 
 
 def settle_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:
-    """``EVALSHA`` and its arguments for the token buckets among these, except the correction;
-    empty when there are none."""
+    """``EVALSHA`` of ``SETTLE`` for the token buckets among these, without the correction and
+    what follows it (``settle_call``); empty when there are none."""
     token_buckets = [b for b in buckets if b.kind == "tokens"]
     if not token_buckets:
         return ()
     args: list[str] = ["EVALSHA", SETTLE_SHA, str(len(token_buckets))]
     args += [b.key for b in token_buckets]
+    args.append(str(len(token_buckets)))
     for b in token_buckets:
         args += [str(b.capacity), _rate(b)]
     return tuple(args)
+
+
+def settle_call(
+    command: tuple[str, ...], tokens: int, entry: Entry | None, spend: int = 0
+) -> tuple[str, ...]:
+    """The whole ``SETTLE`` call: ``command`` (a ``settle_command``, or ``()`` for no buckets)
+    corrected by ``tokens``, with ``entry``'s usage counters and ``spend`` added to its spend
+    counters."""
+    if command:
+        n = int(command[2])
+        keys = command[3 : 3 + n]
+        bucket_args = command[3 + n :]
+    else:
+        n, keys, bucket_args = 0, (), ("0",)
+    if entry is None:
+        return ("EVALSHA", SETTLE_SHA, str(n), *keys, *bucket_args, str(tokens), "0", "0", "0")
+    usage, counters = entry.usage_keys, entry.spend_keys
+    fields = [part for name, amount in entry.fields for part in (name, str(amount))]
+    return (
+        "EVALSHA",
+        SETTLE_SHA,
+        str(n + len(usage) + len(counters)),
+        *keys,
+        *usage,
+        *counters,
+        *bucket_args,
+        str(tokens),
+        str(len(usage)),
+        str(len(counters)),
+        *entry.usage_ttls,
+        str(spend),
+        *entry.spend_ttls,
+        *fields,
+    )
+
+
+def spend_command(keys: Sequence[str], limits: Sequence[int], ttls: Sequence[str]) -> list[str]:
+    """``EVALSHA`` of ``SPEND`` for these counters, except the reservation."""
+    args: list[str] = ["EVALSHA", SPEND_SHA, str(len(keys)), *keys]
+    for limit, ttl in zip(limits, ttls, strict=True):
+        args += [str(limit), ttl]
+    return args
 
 
 def peek_command(buckets: Sequence[Bucket]) -> tuple[str, ...]:

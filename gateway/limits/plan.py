@@ -60,6 +60,19 @@ def key_id(key: ApiKey) -> str:
     return key.hash.removeprefix("sha256:")[:16]
 
 
+def team_tag(team: str, namespace: str = "rl") -> str:
+    """The prefix, hash tag included, of everything a team's keys keep in Redis."""
+    return f"{namespace}:{{t:{team}}}"
+
+
+def key_prefix(key: ApiKey, namespace: str = "rl") -> str:
+    """The prefix of a key's own buckets and counters: under its team's hash tag when it has a
+    team (so that one script can charge both), else under its own."""
+    if key.team is None:
+        return f"{namespace}:{{k:{key_id(key)}}}"
+    return f"{team_tag(key.team, namespace)}:k:{key_id(key)}"
+
+
 def _model_part(model: str) -> str:
     if _SAFE_MODEL.fullmatch(model):
         return model
@@ -73,21 +86,14 @@ class _KeyPlans:
 
     def __init__(self, key: ApiKey, limits: LimitsSection, namespace: str) -> None:
         self.key = key
-        kid = key_id(key)
         self.name = key.name
         own = key.limits if key.limits is not None else limits.default
-        scope = f"key '{key.name}'"
-        base: list[Bucket] = []
-        if key.team is None:
-            self.prefix = f"{namespace}:{{k:{kid}}}"
-            base += limit_buckets(own, self.prefix, scope)
-        else:
-            tag = f"{namespace}:{{t:{key.team}}}"
-            self.prefix = f"{tag}:k:{kid}"
-            base += limit_buckets(own, self.prefix, scope)
+        self.prefix = key_prefix(key, namespace)
+        base = limit_buckets(own, self.prefix, f"key '{key.name}'")
+        if key.team is not None:
             team = limits.teams.get(key.team)
             if team is not None:
-                base += limit_buckets(team, tag, f"team '{key.team}'")
+                base += limit_buckets(team, team_tag(key.team, namespace), f"team '{key.team}'")
         self.base = tuple(base)
         self.max_wait = own.max_wait
         self.max_waiting = own.max_waiting or DEFAULT_MAX_WAITING

@@ -25,11 +25,19 @@ falling back, and an answer closes it. The pattern and its three states are Nyga
 Breaker" (Release It!, 2007), as in https://martinfowler.com/bliki/CircuitBreaker.html.
 A lost connection counts once however many calls it failed: one reset (a Redis restart, a load
 balancer cutting an idle connection) under a pipeline of calls is one failure, not an outage.
+
+**Budgets** (``reserve``) follow the same rules as admissions. **Usage and spend** of a request
+settled while Redis fails (or is skipped) are not lost: they wait in this process (up to
+``MAX_PENDING`` requests, then the oldest are dropped and counted) and are added once Redis
+answers a settle again, each in its own period, so the shared totals still add up; a call that
+timed out after Redis ran it may so be counted twice (at least once, never lost while few
+wait). Token-bucket corrections are not kept: by then the buckets have moved on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -44,22 +52,23 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.accounting.budgets import SpendDecision, SpendPlan
+from gateway.accounting.ledger import Entry
 from gateway.config.model import RedisSettings
 from gateway.limits import lua
+from gateway.limits.breaker import Breaker, GraceTimeout
 from gateway.limits.buckets import Bucket, Decision, Plan, Scheduled
 from gateway.limits.limiter import BreakerState, Limiter, LimiterStats
 from gateway.limits.local_limiter import LocalLimiter
-from gateway.limits.resp import RECHECK_SECONDS, RespClient, lost_generation
+from gateway.limits.resp import RespClient, lost_generation
 
 logger = logging.getLogger("gateway.limits")
 
 OnFailure = Literal["open", "closed", "local"]
 RedisClient = Redis | RedisCluster | RespClient
 
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-# Loop turns a redis-py call may run past its deadline: enough for a reply already in the socket
-# to be read (one turn), handed to the waiting task and parsed (the next).
-_GRACE_TURNS = 3
+# What a call to Redis raises when Redis fails (an error, a lost connection, no answer in time).
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 # Benchmark-only (bench/redis_clients.py): "redis-py" makes redis:// use redis-py's client
 # instead of the lean one, so that one gateway build can be measured with either. Read once,
 # when the limiter is built; not a user setting.
@@ -70,92 +79,11 @@ CLIENT_OVERRIDE_ENV = "GATEWAY_BENCH_REDIS_CLIENT"
 # the client at once: the others wait their turn here, untimed, since that wait is this process's
 # queue, not Redis failing.
 REDIS_PY_CONNECTIONS = 100
-
-
-class Breaker:
-    """Whether to ask Redis: closed until ``failures`` calls in a row fail, then open for
-    ``cooldown`` seconds, then half-open: the first caller probes, and its answer closes the
-    breaker (its failure opens it again). A probe that never reports (its request cancelled)
-    frees the slot after another ``cooldown``. The state is mirrored into ``stats.breaker``."""
-
-    def __init__(
-        self,
-        stats: LimiterStats,
-        *,
-        failures: int = 3,
-        cooldown: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._stats = stats
-        self._threshold = failures
-        self._cooldown = cooldown
-        self._clock = clock
-        self._failures = 0  # in a row
-        self._retry_at = 0.0  # open or half-open: no (other) call before this time
-        self.state: BreakerState = "closed"
-        stats.breaker = "closed"
-
-    def allow(self) -> bool:
-        """Whether this call may go to Redis (when not closed: whether it is the probe)."""
-        if self.state == "closed":
-            return True
-        now = self._clock()
-        if now < self._retry_at:
-            return False
-        self._retry_at = now + self._cooldown
-        self._set("half-open")
-        return True
-
-    def retry_in(self) -> float:
-        """Seconds until Redis is asked again (0 when closed)."""
-        return max(0.0, self._retry_at - self._clock()) if self.state != "closed" else 0.0
-
-    def succeeded(self) -> None:
-        self._failures = 0
-        if self.state != "closed":
-            self._set("closed")
-
-    def failed(self) -> bool:
-        """Count a failure; True when it opened a closed breaker."""
-        self._failures += 1
-        if self.state == "closed" and self._failures < self._threshold:
-            return False
-        tripped = self.state == "closed"
-        self._retry_at = self._clock() + self._cooldown
-        self._set("open")
-        return tripped
-
-    def _set(self, state: BreakerState) -> None:
-        self.state = state
-        self._stats.breaker = state
-
-
-class _GraceTimeout:
-    """Cancel ``task`` once ``seconds`` have passed and then ``_GRACE_TURNS`` more turns of the
-    loop, each after a socket poll; ``fired`` says it did. For redis-py's clients, whose sockets
-    are out of sight: a reply that came while the loop was busy is read and parsed in those turns
-    and the call succeeds. Best effort: it cannot tell a request redis-py sent late (a starved
-    loop) from one Redis answered late."""
-
-    __slots__ = ("_handle", "_loop", "_task", "_turns", "fired")
-
-    def __init__(self, task: asyncio.Task[Any], seconds: float) -> None:
-        self._loop = task.get_loop()
-        self._task = task
-        self._turns = _GRACE_TURNS
-        self.fired = False
-        self._handle = self._loop.call_later(seconds, self._tick)
-
-    def _tick(self) -> None:
-        if self._turns:
-            self._turns -= 1
-            self._handle = self._loop.call_later(RECHECK_SECONDS, self._tick)
-            return
-        self.fired = True
-        self._task.cancel()
-
-    def cancel(self) -> None:
-        self._handle.cancel()
+# Settled requests whose usage and spend wait for Redis to answer again, at most.
+MAX_PENDING = 10_000
+# The admin API's reads of usage counters: many at once, and no request waits on them.
+READ_TIMEOUT_SECONDS = 5.0
+_READ_BATCH = 500
 
 
 class RedisLimiter:
@@ -190,6 +118,9 @@ class RedisLimiter:
         # initialization fail (connections are swapped under them): do it once, first.
         self._cluster = client if isinstance(client, RedisCluster) else None
         self._cluster_lock = asyncio.Lock()
+        # Usage and spend to add once Redis answers again: (entry, spend correction for Redis).
+        self._pending: collections.deque[tuple[Entry, int]] = collections.deque()
+        self._flushing: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> RedisClient:
@@ -225,7 +156,7 @@ class RedisLimiter:
                 command = bucket_set.no_wait_command
         try:
             reply = await self._call(command, plan.tokens)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             if seated:
                 self._local.room.leave(plan.key_name)
             self._failed(exc)
@@ -251,26 +182,123 @@ class RedisLimiter:
         self.stats.refused += 1
         return Decision(plan, False, reply[1], remaining, tuple(reply[4::2]), reply[2] - 1)
 
-    async def settle(self, decision: Decision, actual_tokens: int | None) -> None:
-        if actual_tokens is None or not decision.allowed:
+    async def settle(
+        self, decision: Decision | None, actual_tokens: int | None, entry: Entry | None = None
+    ) -> None:
+        command: tuple[str, ...] = ()
+        delta = 0
+        if decision is not None and actual_tokens is not None and decision.allowed:
+            plan = decision.plan
+            delta = actual_tokens - plan.tokens
+            if decision.degraded:  # admitted by the local limiter: correct it there
+                self._local.settle_now(plan, delta)
+            elif delta:
+                command = plan.buckets.settle_command
+        spend = 0
+        if entry is not None:
+            spend = entry.shared_spend_correction
+            if entry.reserved_locally:  # the local copy held the reservation: correct it
+                self._local.ledger.apply(entry.spend_only(), entry.spend_correction)
+            if not entry.usage_keys and not (spend and entry.spend_keys):
+                entry = None  # nothing for Redis (a local reservation given back)
+        if entry is None and not command:
             return
-        plan = decision.plan
-        delta = actual_tokens - plan.tokens
-        command = plan.buckets.settle_command
-        if delta == 0 or not command:
+        # A bucket correction alone is not worth a probe (the reservation stands); usage is:
+        # without budgets or limits, settles are the only calls that would find Redis back.
+        if not (self._breaker.allow() if entry is not None else self._breaker.state == "closed"):
+            if entry is not None:
+                self._keep(entry, spend)  # it waits for Redis; the bucket correction is dropped
             return
-        if decision.degraded:  # admitted by the local limiter: correct it there
-            self._local.settle_now(plan, delta)
-            return
-        if self._breaker.state != "closed":
-            return  # the reservation stands; a settle is not worth a probe
         try:
-            await self._call(command, delta)
-        except _FAILURES as exc:
+            await self._call(lua.settle_call(command, delta, entry, spend))
+        except FAILURES as exc:
             self._failed(exc)
+            if entry is not None and not _refused(exc):
+                self._keep(entry, spend)
             return
         self._breaker.succeeded()
-        self._local.settle_now(plan, delta)  # keep the fallback's copy in step
+        if command:
+            self._local.settle_now(decision.plan, delta)  # type: ignore[union-attr]
+        if entry is not None and entry.spend_keys and not entry.reserved_locally:
+            # Keep the fallback's copy of the budgets in step, as for buckets.
+            self._local.ledger.apply(entry.spend_only(), spend)
+        if self._pending and self._flushing is None:
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def reserve(self, plan: SpendPlan) -> SpendDecision:
+        if not self._breaker.allow():
+            return self._spend_fallback(plan)
+        ttls = plan.ttls
+        command = lua.spend_command(plan.keys, plan.limits, ttls)
+        try:
+            reply = await self._call((*command, str(plan.reserve)))
+        except FAILURES as exc:
+            self._failed(exc)
+            return self._spend_fallback(plan)
+        self._breaker.succeeded()
+        spent = tuple(int(value) for value in reply[1:])
+        self._local.ledger.observe(plan.keys, spent, ttls)  # where a fallback would continue
+        return SpendDecision(plan, bool(reply[0]), spent)
+
+    async def release(self, decision: SpendDecision) -> None:
+        if decision.allowed and decision.plan.reserve:
+            await self.settle(None, None, decision.release())
+
+    async def read_hashes(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        replies = await self._read([("HGETALL", key) for key in keys])
+        return [_hash(reply) for reply in replies]
+
+    async def read_counters(self, keys: Sequence[str]) -> list[int]:
+        replies = await self._read([("GET", key) for key in keys])
+        return [int(reply) if reply is not None else 0 for reply in replies]
+
+    async def _read(self, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+        """Run many reads, ``_READ_BATCH`` at a time (pipelined on the lean client; redis-py's
+        Cluster client sends each to its key's node)."""
+        out: list[Any] = []
+        for start in range(0, len(commands), _READ_BATCH):
+            batch = commands[start : start + _READ_BATCH]
+            out += await asyncio.gather(
+                *(self._execute(command, READ_TIMEOUT_SECONDS) for command in batch)
+            )
+        return out
+
+    def _keep(self, entry: Entry, spend: int) -> None:
+        """Keep a settled request's usage and spend until Redis answers again."""
+        pending = self._pending
+        pending.append((entry, spend))
+        if len(pending) > MAX_PENDING:
+            pending.popleft()
+            self.stats.usage_dropped += 1
+        self.stats.usage_pending = len(pending)
+
+    async def _flush(self) -> None:
+        """Add what waited, oldest first, one call each (each entry is in one hash slot); stop
+        at the first failure, which keeps the rest for the next time Redis answers."""
+        pending = self._pending
+        try:
+            while pending and self._breaker.state == "closed":
+                entry, spend = pending[0]
+                try:
+                    await self._call(lua.settle_call((), 0, entry, spend))
+                except FAILURES as exc:
+                    self._failed(exc)
+                    if not _refused(exc):
+                        return
+                pending.popleft()
+                self.stats.usage_pending = len(pending)
+        finally:
+            self._flushing = None
+
+    def _spend_fallback(self, plan: SpendPlan) -> SpendDecision:
+        self.stats.degraded += 1
+        mode = self._on_failure
+        if mode == "closed":
+            wait_ms = max(1, math.ceil(self._breaker.retry_in() * 1000))
+            return SpendDecision(
+                plan, False, degraded=True, unavailable=True, retry_after_ms=wait_ms
+            )
+        return self._local.ledger.reserve(plan, force=mode == "open", degraded=True)
 
     def waited(self, decision: Decision) -> None:
         self._local.room.leave(decision.plan.key_name)
@@ -288,7 +316,7 @@ class RedisLimiter:
         command = lua.give_back_command(plan.buckets.buckets, ticket)
         try:
             await self._call(command, plan.tokens)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             self._failed(exc)
             return
         self._breaker.succeeded()
@@ -301,43 +329,52 @@ class RedisLimiter:
         if self._breaker.state == "closed":
             try:
                 reply = await self._execute(lua.peek_command(buckets))
-            except _FAILURES as exc:
+            except FAILURES as exc:
                 self._failed(exc)
             else:
                 return [float(level) for level in reply]
         return list(self._local.levels(buckets))
 
     async def aclose(self) -> None:
+        if self._flushing is not None:
+            self._flushing.cancel()
         await self._client.aclose()
 
     async def execute(self, *args: str | int) -> Any:
         """One command on the limiter's client, under its timeout, for the gateway's other
         shared state (``upstream/health_sync.py``). Neither the breaker nor the limiter's
         counters see it: how Redis serves that state must not change how requests are
-        limited. Raises what ``_execute`` raises (``_FAILURES`` when Redis fails)."""
+        limited. Raises what ``_execute`` raises (``FAILURES`` when Redis fails)."""
         return await self._execute(args)
 
-    async def _call(self, command: tuple[str | bytes, ...], last: int) -> Any:
+    async def _call(self, command: tuple[str | bytes, ...], *last: int) -> Any:
+        """``EVALSHA`` ``command`` (and ``last``, its per-call arguments), or ``EVAL`` when Redis
+        does not have the script."""
         if self._evalsha:
             try:
-                return await self._execute((*command, last))
+                return await self._execute((*command, *last))
             except NoScriptError:
                 # Redis restarted, flushed its scripts or failed over: EVAL loads it again.
-                return await self._execute((*lua.as_eval(command), last))
+                return await self._execute((*lua.as_eval(command), *last))
             except ResponseError as exc:
                 if "unknown command" not in str(exc).lower():
                     raise
                 self._evalsha = False  # a proxy that does not pass EVALSHA on
-        return await self._execute((*lua.as_eval(command), last))
+        return await self._execute((*lua.as_eval(command), *last))
 
-    async def _execute(self, args: tuple[str | bytes | int, ...]) -> Any:
+    async def _execute(
+        self, args: tuple[str | bytes | int, ...], within: float | None = None
+    ) -> Any:
+        """One command, failed with a timeout error unless Redis answers ``within`` seconds (the
+        limiter's timeout by default)."""
+        timeout = self._timeout if within is None else within
         resp = self._resp
         if resp is not None:
-            return await resp.call(args, self._timeout)
+            return await resp.call(args, timeout)
         task = asyncio.current_task()
         assert task is not None
         async with self._slots:  # a free connection first; the timeout starts once there is one
-            deadline = _GraceTimeout(task, self._timeout)
+            deadline = GraceTimeout(task, timeout)
             try:
                 if self._cluster is not None:
                     await self._initialize_cluster()
@@ -345,7 +382,7 @@ class RedisLimiter:
             except asyncio.CancelledError:
                 if deadline.fired and task.uncancel() == 0:
                     raise RedisTimeoutError(
-                        f"Redis did not answer within {self._timeout * 1000:g} ms"
+                        f"Redis did not answer within {timeout * 1000:g} ms"
                     ) from None
                 raise
             finally:
@@ -385,6 +422,28 @@ class RedisLimiter:
             wait_ms = max(1, math.ceil(self._breaker.retry_in() * 1000))
             return Decision(plan, False, wait_ms, degraded=True, unavailable=True)
         return self._local.admit_now(plan, force=mode == "open", degraded=True)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Redis ran the script and it failed (an error reply, not a failing Redis): trying the same
+    call again would fail the same way."""
+    if isinstance(exc, ResponseError):
+        logger.warning("Redis refused a settlement, dropped: %s", exc)
+        return True
+    return False
+
+
+def _hash(reply: Any) -> dict[str, int]:
+    """An ``HGETALL`` reply (redis-py: a dict; the lean client: a flat list) as text -> int."""
+    if isinstance(reply, dict):
+        items = list(reply.items())
+    else:
+        items = list(zip(reply[::2], reply[1::2], strict=True))
+    out: dict[str, int] = {}
+    for name, value in items:
+        key = name.decode() if isinstance(name, bytes) else str(name)
+        out[key] = int(value)
+    return out
 
 
 def build_limiter(

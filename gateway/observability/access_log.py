@@ -87,6 +87,8 @@ def access_line(context: RequestContext) -> str:
     if context.tokens_in is not None or context.tokens_out is not None:
         record["tokens_in"] = context.tokens_in
         record["tokens_out"] = context.tokens_out
+    if context.cost_micro_usd is not None:
+        record["cost_usd"] = round(context.cost_micro_usd / 1_000_000, 6)
     if context.limit is not None:
         record["limit"] = context.limit
     if context.queue_wait_ms is not None:

@@ -152,9 +152,17 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
+        self.spend = Counter(
+            "gateway_spend_usd",
+            "What requests cost at the configured prices (prices), in US dollars, by key and "
+            "model, as their usage was reported.",
+            ("key", "model"),
+            registry=registry,
+        )
         self.refusals = Counter(
             "gateway_limit_refusals",
-            "Requests refused by a limit, by reason: requests, tokens, concurrency, unavailable.",
+            "Requests refused by a limit, by reason: requests, tokens, concurrency, budget, "
+            "unavailable.",
             ("reason",),
             registry=registry,
         )
@@ -290,6 +298,9 @@ class Metrics:
                 child(self.tokens, ("input", model, key)).observe(context.tokens_in)
             if context.tokens_out is not None:
                 child(self.tokens, ("output", model, key)).observe(context.tokens_out)
+        if context.cost_micro_usd:
+            model = context.model if context.model in self._known_models() else OTHER
+            child(self.spend, (key, model)).inc(context.cost_micro_usd / 1_000_000)
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         """``metric.labels(*labels)``, remembered: prometheus_client validates and locks on
@@ -314,6 +325,8 @@ class Metrics:
             labels = (health.upstream, health.target)
             self._child(self.target_in_service, labels).set(1 if health.in_service() else 0)
             seen = self._seen_ejections.get(labels, 0)
+            if health.ejected_total < seen:
+                seen = 0  # a new target under this name (its URL changed on a reload)
             if health.ejected_total > seen:
                 self._child(self.ejections, labels).inc(health.ejected_total - seen)
                 self._seen_ejections[labels] = health.ejected_total

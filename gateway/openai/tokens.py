@@ -128,8 +128,19 @@ def tokens_to_reserve(
     document: Mapping[str, Any] | None, body_size: int, default_max_tokens: int
 ) -> int:
     """Tokens to reserve at admission for a request whose parsed body is ``document``."""
+    prompt, output = reservation_parts(document, body_size, default_max_tokens)
+    return prompt + output
+
+
+def reservation_parts(
+    document: Mapping[str, Any] | None, body_size: int, default_max_tokens: int
+) -> tuple[int, int]:
+    """``tokens_to_reserve`` as its two parts, the prompt estimate and the output ceiling (a
+    budget prices them differently)."""
+    if not document:
+        return 0, 0
     try:
-        return estimate_tokens(document, default_max_tokens)
+        return estimate_prompt(document), output_reservation(document, default_max_tokens)
     except RecursionError:
         # Pathologically nested JSON (orjson accepts 1024 levels): a bound from its size.
-        return body_size // 4 + default_max_tokens
+        return body_size // 4, default_max_tokens

@@ -4,9 +4,9 @@
 the path, match a route, authenticate the key, take its concurrency slot, read the body when a
 rule needs it, check the route's request rules (``gateway/policies/validation.py``), apply the
 model rules (from a JSON body, a form's ``model`` field, or a model named in the path), then the
-limits, last, so that a request refused for any other reason costs its key nothing. It returns
-the outbound request, or raises the refusal (``errors.py``); nothing reaches the upstream for a
-refused request.
+budgets and the limits, last, so that a request refused for any other reason costs its key
+nothing. It returns the outbound request, or raises the refusal (``errors.py``); nothing reaches
+the upstream for a refused request.
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ from typing import Any
 import orjson
 
 from gateway import errors
+from gateway.accounting.accounts import KeyAccount
+from gateway.accounting.budgets import SpendDecision
 from gateway.context import RequestContext
 from gateway.http import body as request_body
 from gateway.http import multipart
-from gateway.limits import Plan
+from gateway.limits import Decision, Plan
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
 from gateway.limits.waiting import wait_for_slot
 from gateway.openai.stream_options import ask_for_stream_usage
-from gateway.openai.tokens import tokens_to_reserve
+from gateway.openai.tokens import reservation_parts, tokens_to_reserve
 from gateway.pipeline import model_rules
 from gateway.pipeline.dispatch import Dispatch, Rename, Step
 from gateway.pipeline.model_rules import Resolved, Rewrite
-from gateway.pipeline.relay import Settlement
+from gateway.pipeline.settlement import Settlement
 from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
 from gateway.runtime import Runtime
 from gateway.types import Body, RawHeaders, Receive, Scope
@@ -156,31 +158,38 @@ async def admit(
     context.model = resolved.model
     context.upstream_model = resolved.renamed
 
-    # Limits come last among the checks: a request refused for any other reason costs its key
-    # nothing.
-    settlement: Settlement | None = None
+    # Budgets and limits come last among the checks: a request refused for any other reason
+    # costs its key nothing. The budget first, so that a budget refusal costs no rate limit.
+    account = runtime.accounts.of(principal.name)
+    spend = None
+    if account is not None and account.budgets:
+        spend = await _reserve_budget(runtime, account, resolved, document, len(payload), context)
+    decision: Decision | None = None
     plan = runtime.planner.charges(
         key=principal.config, route=route.name, model=resolved.model, tokens=0
     )
     if plan.buckets.buckets:
-        if plan.buckets.has_tokens:
-            reserve = tokens_to_reserve(
-                document, len(payload), runtime.config.limits.default_max_tokens
-            )
-            plan = Plan(plan.key_name, plan.buckets, reserve)
-        decision = await runtime.limiter.admit(plan)
-        context.limit = "degraded" if decision.degraded else "allowed"
-        if not decision.allowed:
-            context.limit = "refused"
-            context.limit_reason = "unavailable" if decision.unavailable else decision.kind
-            raise decision.error()
-        waited = 0
-        if decision.wait_ms:
-            # Admitted for a slot in the future (limits.max_wait): sleep until it. A client that
-            # leaves meanwhile gives the slot back and the request ends (ClientDisconnected).
-            waited = await wait_for_slot(runtime.limiter, decision, receive, context)
-        held.extra = [*held.extra, *decision.headers(waited)]
-        settlement = Settlement(runtime.limiter, decision)
+        try:
+            decision = await _admit(runtime, plan, document, len(payload), receive, context, held)
+        except BaseException:
+            if spend is not None:
+                # Refused by a limit, or its client left while it waited: the request will not
+                # be settled, so its budget reservation goes back now.
+                held.extra = [*held.extra, *spend.headers(given_back=True)]
+                await runtime.limiter.release(spend)
+            raise
+    if spend is not None:
+        held.extra = [*held.extra, *spend.headers()]
+    settlement: Settlement | None = None
+    if account is not None or plan.buckets.buckets:
+        settlement = Settlement(
+            runtime.limiter,
+            decision if plan.buckets.has_tokens else None,
+            runtime.accounts,
+            account,
+            spend,
+            limited=bool(plan.buckets.buckets),
+        )
 
     alias = resolved.alias
     steps: tuple[Step, ...] = (Step(upstream),)
@@ -205,6 +214,64 @@ async def admit(
         target_header=runtime.config.server.target_header,
     )
     return Admitted(dispatch, settlement, rewrite)
+
+
+async def _reserve_budget(
+    runtime: Runtime,
+    account: KeyAccount,
+    resolved: Resolved,
+    document: dict[str, Any] | None,
+    size: int,
+    context: RequestContext,
+) -> SpendDecision | None:
+    """Reserve the request's estimated cost on its budgets, or raise the refusal. None when no
+    reservation is made: a request that names no model, or whose model has no price, costs
+    nothing a budget counts, so a budget never stops it."""
+    accounts = runtime.accounts
+    if resolved.model is None:
+        return None
+    price = accounts.prices.price(resolved.renamed, resolved.model)
+    if price is None:
+        return None
+    prompt, output = reservation_parts(document, size, runtime.config.limits.default_max_tokens)
+    plan = account.spend_plan(price.estimate(prompt, output), accounts.clock.now())
+    spend = await runtime.limiter.reserve(plan)
+    context.limit = "degraded" if spend.degraded else "allowed"
+    if not spend.allowed:
+        context.limit = "refused"
+        context.limit_reason = "unavailable" if spend.unavailable else "budget"
+        raise spend.error(accounts.clock.time())
+    return spend
+
+
+async def _admit(
+    runtime: Runtime,
+    plan: Plan,
+    document: dict[str, Any] | None,
+    size: int,
+    receive: Receive,
+    context: RequestContext,
+    held: Held,
+) -> Decision:
+    """The limits' decision on the request, after its wait for a slot when it was given one
+    (``limits.max_wait``); raises the refusal."""
+    if plan.buckets.has_tokens:
+        reserve = tokens_to_reserve(document, size, runtime.config.limits.default_max_tokens)
+        plan = Plan(plan.key_name, plan.buckets, reserve)
+    decision = await runtime.limiter.admit(plan)
+    degraded = decision.degraded or context.limit == "degraded"  # the budget's, maybe
+    context.limit = "degraded" if degraded else "allowed"
+    if not decision.allowed:
+        context.limit = "refused"
+        context.limit_reason = "unavailable" if decision.unavailable else decision.kind
+        raise decision.error()
+    waited = 0
+    if decision.wait_ms:
+        # Admitted for a slot in the future (limits.max_wait): sleep until it. A client that
+        # leaves meanwhile gives the slot back and the request ends (ClientDisconnected).
+        waited = await wait_for_slot(runtime.limiter, decision, receive, context)
+    held.extra = [*held.extra, *decision.headers(waited)]
+    return decision
 
 
 def _checked_document(

@@ -23,13 +23,14 @@ from gateway import errors
 from gateway.context import RequestContext
 from gateway.http.decoding import decoded_body
 from gateway.http.headers import downstream_response_headers
-from gateway.limits import RATELIMIT_HEADERS, Decision, Limiter
+from gateway.limits import RATELIMIT_HEADERS
 from gateway.openai import models_list
-from gateway.openai.usage import UsageTap, usage_tap
+from gateway.openai.usage import Usage, UsageTap, usage_tap
 from gateway.pipeline.dispatch import Dispatch
 from gateway.pipeline.failover import Answer, Unanswered, failure_kind, first_answer
 from gateway.pipeline.held_bodies import ERROR_BODY_BYTES, hold_body, masked_error_body
 from gateway.pipeline.model_rules import Rewrite
+from gateway.pipeline.settlement import Settlement
 from gateway.types import RawHeaders, Receive, Send
 from gateway.upstream.seam import UpstreamResponse, UpstreamStreamError
 
@@ -54,18 +55,6 @@ class StreamGauge(Protocol):
     def stream_opened(self) -> None: ...
 
     def stream_closed(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """An admitted request's limits: settled from the response's real usage when it ends."""
-
-    limiter: Limiter
-    decision: Decision
-
-    @property
-    def counts_tokens(self) -> bool:
-        return self.decision.plan.buckets.has_tokens
 
 
 @dataclass(slots=True)
@@ -114,9 +103,10 @@ async def exchange(
     read_usage: bool = False,
 ) -> None:
     """Send the request (``failover.first_answer``: retries and failover happen there, before
-    anything is relayed) and relay the answer; settle the limits once, however the exchange
-    ended, a client that left included. The response's token usage is read when a token limit
-    needs it to settle, or when ``read_usage`` asks (for the metrics)."""
+    anything is relayed) and relay the answer; settle the limits and accounts once, however the
+    exchange ended, a client that left included. The response's token usage is read when the
+    settlement needs it (a token limit, usage accounting, a budget), or when ``read_usage``
+    asks (for the metrics)."""
     watch = _Exchange(task=asyncio.current_task())
     timer = asyncio.get_running_loop().call_later(
         WATCH_AFTER_SECONDS, watch.start_watching, receive
@@ -125,7 +115,7 @@ async def exchange(
     tap: UsageTap | None = None
     complete = False
     unanswered = False  # the upstream failed before its response: it used no tokens
-    strip_ratelimit = settlement is not None
+    strip_ratelimit = settlement is not None and settlement.limited
     started = time.perf_counter()
     try:
         try:
@@ -145,7 +135,7 @@ async def exchange(
             context.upstream_seconds = time.perf_counter() - answer.sent_at
             if dispatch.target_header:
                 extra = [*extra, (TARGET_HEADER, target.label.encode("latin-1"))]
-            if read_usage or (settlement is not None and settlement.counts_tokens):
+            if read_usage or (settlement is not None and settlement.reads_usage):
                 tap = usage_tap(response.raw_headers)
             secrets = answer.step.group.secrets
             if rewrite is not None and response.status == 200:
@@ -181,22 +171,20 @@ async def exchange(
             else:
                 answer.response.close()
             answer.finish(complete, context.client_gone)
-    used = _record_usage(context, tap)
-    if settlement is not None and settlement.counts_tokens:
-        if used is None and (unanswered or (answer is not None and answer.response.status >= 400)):
-            # The upstream failed or refused (and reported no usage): it generated nothing, so
-            # the reservation is refunded rather than kept.
-            used = 0
-        if used is not None:
-            # Every ending gets here, a client disconnect included (docs/design.md §3); the
-            # response is already complete, so settling inline delays nobody. Charged once
-            # per client request, however many attempts it took.
-            await settlement.limiter.settle(settlement.decision, used)
+    usage = _record_usage(context, tap)
+    if settlement is not None:
+        # The upstream failed or refused (and reported no usage): it generated nothing, so
+        # the reservations are refunded rather than kept.
+        refunded = unanswered or (answer is not None and answer.response.status >= 400)
+        # Every ending gets here, a client disconnect included (docs/design.md §3); the
+        # response is already complete, so settling inline delays nobody. Charged once per
+        # client request, however many attempts it took.
+        await settlement.settle(context, usage, refunded)
 
 
-def _record_usage(context: RequestContext, tap: UsageTap | None) -> int | None:
-    """The tokens to settle a reservation to: the response's final usage, input (prompt-cache
-    reads and writes included) plus output, as ``Usage.total_tokens`` counts them.
+def _record_usage(context: RequestContext, tap: UsageTap | None) -> Usage | None:
+    """The response's final usage: a request is charged its input (prompt-cache reads and
+    writes included) plus output tokens, as ``Usage.total_tokens`` counts them.
 
     ``None`` when there is no final count: no usage was read, or the response ended before it
     (a client that left, an upstream that failed mid-stream). The reservation then stands,
@@ -207,7 +195,7 @@ def _record_usage(context: RequestContext, tap: UsageTap | None) -> int | None:
         return None
     context.tokens_in = usage.input_tokens
     context.tokens_out = usage.output_tokens
-    return usage.total_tokens
+    return usage
 
 
 async def _relay(

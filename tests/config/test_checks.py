@@ -99,6 +99,24 @@ def test_limits_teams_must_be_the_team_of_some_key() -> None:
     ]
 
 
+def test_budgets_belong_to_keys_and_teams_not_routes_or_models() -> None:
+    keys = [
+        {"name": "alice", "hash": HASH_A, "team": "ml", "limits": {"budget": {"usd_per_day": 5}}}
+    ]
+    budget = {"budget": {"usd_per_month": 100}}
+    limits = {
+        "default": budget,
+        "teams": {"ml": budget},
+        "routes": {"chat": budget},
+        "models": {"gpt-4o": budget},
+    }
+    message = "budget applies to keys (keys[].limits, limits.default) and teams (limits.teams) only"
+    assert check_config(config(keys=keys, limits=limits, allow_unlisted_models=True)) == [
+        ("limits.routes.chat.budget", message),
+        ("limits.models.gpt-4o.budget", message),
+    ]
+
+
 def test_limits_routes_must_be_route_names() -> None:
     limits: dict[str, Any] = {"routes": {"chat": {}, "images": {}}}
     assert check_config(config(limits=limits)) == [

@@ -55,7 +55,7 @@ admin:
 BEARER = [("authorization", f"Bearer {ADMIN}")]
 CLIENT = [("authorization", f"Bearer {KEY}"), ("content-type", "application/json")]
 CHAT = orjson.dumps({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
-ENDPOINTS = ("config", "routes", "keys", "upstreams", "errors", "health", "status")
+ENDPOINTS = ("config", "routes", "keys", "upstreams", "errors", "health", "usage", "status")
 # What no admin response may carry.
 NEVER = (KEY, ADMIN, SECRET, ORG, hash_key(KEY)[7:], hash_key(ADMIN)[7:], "/v1?", "sha256:")
 

@@ -51,7 +51,10 @@ def _config(upstream: FakeUpstream, admin_key: str = ADMIN_KEY, *, broken: bool 
 limits:
   default: {{requests_per_minute: 60, tokens_per_minute: 10000}}
   teams:
-    ml: {{requests_per_minute: 300}}
+    ml: {{requests_per_minute: 300, budget: {{usd_per_month: 50}}}}
+prices:
+  models:
+    gpt-4o-mini: {{input: 1, output: 2}}
 admin:
   keys: [{{name: ops, hash: {hash_key(admin_key)}}}]
 """
@@ -190,6 +193,22 @@ def _check_page(
             assert seen in old, old
         assert "deprecated" not in text('#routes [data-alias="/chat/completions"]')
         assert "down" in text('#routes tr[data-route="down"]')
+
+        # Usage and spend this month: 'fast' is gpt-4o-mini upstream, priced at $1/M input and
+        # $2/M output; the fake reports 2 input and 5 output tokens for "hello": $0.000012.
+        # demo's request to 'down' counts as a request (it was sent) with no tokens.
+        assert text('#usage tr[data-usage-key="demo"] .requests') == "2"
+        assert text('#usage tr[data-usage-key="demo"] .cost') == "$0.000012"
+        ml_usage = text('#usage tr[data-usage-key="ml-batch"]')
+        assert "team ml" in ml_usage
+        assert "$0.000012" in ml_usage
+        assert text('#usage tr[data-usage-team="ml"] .requests') == "1"
+        assert text("#usage tr[data-usage-total] .cost") == "$0.000024"
+        team_budget = text('#usage tr[data-budget="team:ml:month"]')
+        assert "monthly" in team_budget
+        assert "$0.000012 / $50.00" in team_budget
+        assert "$49.999988" in text('#usage tr[data-budget="team:ml:month"] .remaining')
+        assert "local store" in text("#usage .meta")
 
         # Limits: the local store, no Redis breaker, nothing degraded.
         limits = text("#limits")

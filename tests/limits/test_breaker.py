@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.limits import LimiterStats
-from gateway.limits.redis_limiter import Breaker
+from gateway.limits.breaker import Breaker
 
 
 class FakeClock:

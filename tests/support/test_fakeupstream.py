@@ -567,6 +567,21 @@ def test_bytes_header_pads_a_body_to_at_least_that_size_and_keeps_it_json(
     assert completion.choices[0].message.content == "This is a deterministic reply"
 
 
+def test_cached_tokens_header_reports_part_of_the_prompt_as_cached(http: httpx.Client) -> None:
+    headers = {"x-fake-cached-tokens": "3"}
+    usage = http.post("/chat/completions", json=CHAT, headers=headers).json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 3
+    assert http.post("/chat/completions", json=CHAT, headers=headers).content == (
+        fake.chat_completion_body(CHAT, cached=3)
+    )
+    streamed = {**stream_chat(), "stream_options": {"include_usage": True}}
+    events = http.post("/chat/completions", json=streamed, headers={"x-fake-cached-tokens": "999"})
+    assert events.content == b"".join(fake.chat_completion_events(streamed, cached=999))
+    final = orjson.loads(events.content.split(b"data: ")[-2])
+    prompt = final["usage"]["prompt_tokens"]
+    assert final["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt  # at most all
+
+
 def test_fifty_chunk_stream_without_interval_is_fast(http: httpx.Client) -> None:
     headers = {"x-fake-chunks": "50"}
     http.post("/chat/completions", json=stream_chat(), headers=headers)  # warm the cache

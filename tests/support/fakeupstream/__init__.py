@@ -27,30 +27,32 @@ no module name.
 Misbehaviour is asked for per request with headers, so a test can make the same endpoint fail
 when it is driven through the gateway (which passes unknown headers through):
 
-=========================  ======================================================================
-``x-fake-status: NNN``     reply NNN (400-599) with an OpenAI-shaped error; 429 adds
-                           ``retry-after: 0``
-``x-fake-retry-after: N``  with a status: ``retry-after: N`` (seconds) instead
-``x-fake-error-code: W``   with a status: the error body's ``code`` is W (a word)
-``x-fake-chunks: N``       content pieces: stream events, or words of a non-stream reply (5)
-``x-fake-interval-ms: M``  pause between stream events (0)
-``x-fake-delay-ms: M``     pause before the response headers (0)
-``x-fake-gzip: 1``         gzip the body, ``content-encoding: gzip``; streams are compressed
-                           incrementally and each event is sync-flushed as it is produced
-``x-fake-hang: 1``         never send headers; wait for the client to disconnect
-``x-fake-hang-after: N``   send N events (non-stream: N bytes), then go silent until disconnect
-``x-fake-fail-after: N``   send N events (non-stream: N bytes), then drop the connection
-                           without finishing the body
-``x-fake-bytes: N``        pad a non-stream JSON body to at least N bytes (``x_fake_padding``)
-=========================  ======================================================================
+===========================  ======================================================================
+``x-fake-status: NNN``       reply NNN (400-599) with an OpenAI-shaped error; 429 adds
+                             ``retry-after: 0``
+``x-fake-retry-after: N``    with a status: ``retry-after: N`` (seconds) instead
+``x-fake-error-code: W``     with a status: the error body's ``code`` is W (a word)
+``x-fake-chunks: N``         content pieces: stream events, or words of a non-stream reply (5)
+``x-fake-interval-ms: M``    pause between stream events (0)
+``x-fake-delay-ms: M``       pause before the response headers (0)
+``x-fake-gzip: 1``           gzip the body, ``content-encoding: gzip``; streams are compressed
+                             incrementally and each event is sync-flushed as it is produced
+``x-fake-hang: 1``           never send headers; wait for the client to disconnect
+``x-fake-hang-after: N``     send N events (non-stream: N bytes), then go silent until disconnect
+``x-fake-fail-after: N``     send N events (non-stream: N bytes), then drop the connection
+                             without finishing the body
+``x-fake-bytes: N``          pad a non-stream JSON body to at least N bytes (``x_fake_padding``)
+``x-fake-cached-tokens: N``  chat completions: report N of the prompt tokens (at most all) as
+                             read from the prompt cache (``prompt_tokens_details.cached_tokens``)
+===========================  ======================================================================
 
 When a gateway sends the same request to several fakes (its targets), headers cannot make one
 fail and another answer: the test scripts each server instead. ``upstream.script(Controls(status=
 503))`` makes its next request a 503 (whatever its headers say), ``upstream.behave(Controls(hang=
 True))`` makes every request after the script hang until ``behave(None)``; ``Controls`` takes the
 table's values as fields (``status``, ``retry_after``, ``error_code``, ``hang``, ``fail_after``,
-``delay`` in seconds, ...). Each server records its own requests, so counting them per target is
-``len(upstream.requests)``.
+``delay`` in seconds, ...  ). Each server records its own requests, so counting them per target is
+``len(upstream.requests)`  `.
 
 An unknown ``x-fake-*`` header, or a value that does not parse, is refused with a 400 so a typo
 cannot silently turn a failure test into a success test. Hang-after wins over fail-after. A cut

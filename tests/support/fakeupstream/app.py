@@ -294,11 +294,11 @@ class FakeUpstreamApp:
         model, prompt = chat_inputs(request)
         n = controls.chunks
         stream, usage = _stream(request)
+        cached = controls.cached_tokens
         if stream:
-            return _Reply(
-                200, events=self._cached_events("chat", _chat_events, model, prompt, n, usage)
-            )
-        return _Reply(200, self._cached_body("chat", _chat_body, model, prompt, n))
+            events = self._cached_events("chat", _chat_events, model, prompt, n, usage, cached)
+            return _Reply(200, events=events)
+        return _Reply(200, self._cached_body("chat", _chat_body, model, prompt, n, cached))
 
     def _completions(self, request: dict[str, Any], controls: Controls) -> _Reply:
         model, prompt = completion_inputs(request)

@@ -99,12 +99,14 @@ def _stream(request: Mapping[str, Any]) -> tuple[bool, bool]:
     return request.get("stream") is True, include_usage
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's chat usage; ``cached`` of the prompt tokens read from the prompt cache (at most
+    all of them, as OpenAI counts them inside ``prompt_tokens``)."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": min(cached, prompt), "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,
@@ -131,7 +133,7 @@ def chat_inputs(request: Mapping[str, Any]) -> tuple[str, int]:
     return model, count_tokens(chars)
 
 
-def _chat_body(model: str, prompt: int, chunks: int) -> bytes:
+def _chat_body(model: str, prompt: int, chunks: int, cached: int = 0) -> bytes:
     message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(pieces(chunks)),
@@ -147,14 +149,16 @@ def _chat_body(model: str, prompt: int, chunks: int) -> bytes:
             "choices": [
                 {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
             ],
-            "usage": _usage(prompt, chunks),
+            "usage": _usage(prompt, chunks, cached),
             "service_tier": "default",
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
     )
 
 
-def _chat_events(model: str, prompt: int, chunks: int, include_usage: bool) -> tuple[bytes, ...]:
+def _chat_events(
+    model: str, prompt: int, chunks: int, include_usage: bool, cached: int = 0
+) -> tuple[bytes, ...]:
     head = {
         "id": CHAT_ID,
         "object": "chat.completion.chunk",
@@ -176,21 +180,23 @@ def _chat_events(model: str, prompt: int, chunks: int, include_usage: bool) -> t
     ]
     events.append(chunk({"role": "assistant"} if chunks == 0 else {}, "stop"))
     if include_usage:
-        events.append(_sse({**head, "choices": [], "usage": _usage(prompt, chunks)}))
+        events.append(_sse({**head, "choices": [], "usage": _usage(prompt, chunks, cached)}))
     events.append(_DONE)
     return tuple(events)
 
 
-def chat_completion_body(request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS) -> bytes:
+def chat_completion_body(
+    request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS, cached: int = 0
+) -> bytes:
     """The exact non-stream body the fake sends for this chat request (uncompressed)."""
-    return _chat_body(*chat_inputs(request), chunks)
+    return _chat_body(*chat_inputs(request), chunks, cached)
 
 
 def chat_completion_events(
-    request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS
+    request: Mapping[str, Any], *, chunks: int = DEFAULT_CHUNKS, cached: int = 0
 ) -> tuple[bytes, ...]:
     """The exact SSE events (``data: ...\\n\\n`` each, ``[DONE]`` last) for a chat stream."""
-    return _chat_events(*chat_inputs(request), chunks, _stream(request)[1])
+    return _chat_events(*chat_inputs(request), chunks, _stream(request)[1], cached)
 
 
 def standard_chat_request(

@@ -29,6 +29,8 @@ class Controls:
     # ``retry-after`` header in seconds (a 429 says 0 unless told otherwise).
     error_code: str | None = None
     retry_after: int | None = None
+    # Chat completions: prompt tokens reported as read from the prompt cache (at most all).
+    cached_tokens: int = 0
 
     @property
     def waits(self) -> bool:
@@ -50,6 +52,7 @@ _INT_CONTROLS: Final = {
     b"x-fake-fail-after": "fail_after",
     b"x-fake-bytes": "min_bytes",
     b"x-fake-retry-after": "retry_after",
+    b"x-fake-cached-tokens": "cached_tokens",
 }
 _STR_CONTROLS: Final = {b"x-fake-error-code": "error_code"}
 _BOOL_CONTROLS: Final = {b"x-fake-gzip": "gzip", b"x-fake-hang": "hang"}
