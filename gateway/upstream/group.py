@@ -51,6 +51,8 @@ class UpstreamGroup:
         usable = [t for t in targets if t.health.usable(now)]
         if not usable:
             return None
+        if not tried:  # a request's first attempt: every usable target is fresh
+            return self.balancer.pick(usable)
         fresh = [t for t in usable if t not in tried]
         return self.balancer.pick(fresh or usable)
 
