@@ -8,7 +8,7 @@ the response, included). With Redis (a redis-server this script starts, the lean
 Redis round trips (script calls) per request are counted from ``INFO commandstats``.
 
     python bench/accounting.py                          # this tree
-    PYTHONPATH=/tmp/head python bench/accounting.py     # another tree (git archive HEAD)
+    PYTHONPATH=<other tree> python bench/accounting.py  # another tree (git archive HEAD)
     python bench/accounting.py --opcodes                # Python opcodes per request instead
 
 Times on a busy two-core machine move by 10-20% between runs; ``--opcodes`` counts the Python
