@@ -17,6 +17,7 @@ from gateway.auth import AdminKeys, KeyRing, admin_keys
 from gateway.config.model import GatewayConfig, ModelAlias, Timeouts
 from gateway.limits import Limiter, Planner
 from gateway.limits.concurrency import ConcurrencyCaps, concurrency_caps
+from gateway.pipeline.dispatch import Step
 from gateway.policies.validation import RequestValidator, request_validators
 from gateway.routing import RouteTable
 from gateway.upstream.balance import balancer
@@ -50,6 +51,10 @@ class Runtime:
     # Model names the config lists (aliases, keys' exact model names, per-model limits): the
     # only ones metrics may use as label values.
     known_models: frozenset[str] = frozenset()
+    # The steps a request takes, made once per snapshot: per upstream name its one step, and
+    # per model alias with fallbacks its whole chain (``pipeline/failover.py``).
+    chains: Mapping[str, tuple[Step, ...]] = field(default_factory=dict)
+    alias_chains: Mapping[str, tuple[Step, ...]] = field(default_factory=dict)
     admin_keys: AdminKeys = _NO_ADMIN_KEYS
     # Per route name: the route's compiled request rules; routes without rules are absent.
     validators: Mapping[str, RequestValidator] = field(default_factory=dict)
@@ -138,7 +143,18 @@ def build_runtime(
     health.keep_only(kept)
     if tables is None:
         tables = build_tables(config, previous)
+    chains = {name: (Step(group),) for name, group in upstreams.items()}
+    alias_chains = {
+        public: (
+            Step(upstreams[alias.upstream]),
+            *(Step(upstreams[step.upstream], step.model or public) for step in alias.fallbacks),
+        )
+        for public, alias in config.models.items()
+        if alias.fallbacks
+    }
     return Runtime(
+        chains=chains,
+        alias_chains=alias_chains,
         config=config,
         routes=tables.routes,
         keys=tables.keys,

@@ -29,7 +29,7 @@ from gateway.limits.waiting import wait_for_slot
 from gateway.openai.stream_options import ask_for_stream_usage
 from gateway.openai.tokens import reservation_parts, tokens_to_reserve
 from gateway.pipeline import model_rules
-from gateway.pipeline.dispatch import Dispatch, Rename, Step
+from gateway.pipeline.dispatch import Dispatch, Rename
 from gateway.pipeline.model_rules import Resolved, Rewrite
 from gateway.pipeline.settlement import Settlement
 from gateway.routing import Match, MethodMismatch, PathVerdict, judge_path, relative_raw_path
@@ -192,12 +192,10 @@ async def admit(
         )
 
     alias = resolved.alias
-    steps: tuple[Step, ...] = (Step(upstream),)
-    if alias is not None and alias.fallbacks:
-        model = resolved.model or ""
-        steps += tuple(
-            Step(runtime.upstreams[step.upstream], step.model or model) for step in alias.fallbacks
-        )
+    if alias is not None and alias.fallbacks and resolved.model is not None:
+        steps = runtime.alias_chains[resolved.model]
+    else:
+        steps = runtime.chains[upstream.name]
     dispatch = Dispatch(
         method=method,
         path=match.upstream_path,

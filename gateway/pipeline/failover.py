@@ -74,9 +74,6 @@ class Answer:
         health.outstanding -= 1
         if self.reported:
             return
-        if complete and not self.probe and not health.ejections and self.response.status < 500:
-            health.consecutive_failures = 0  # the common case: ``succeeded`` without a call
-            return
         if client_gone and not complete:
             if self.probe:
                 health.probe_in_flight = False

@@ -126,7 +126,7 @@ async def exchange(
             target = failed.target
             context.upstream = target.name
             if dispatch.target_header:
-                extra = [*extra, (TARGET_HEADER, target.label.encode("latin-1"))]
+                extra = [*extra, (TARGET_HEADER, target.label_bytes)]
             await _upstream_refusal(context.upstream_error, target.name).send(send, extra)
         else:
             response = answer.response
@@ -134,7 +134,7 @@ async def exchange(
             context.upstream = target.name
             context.upstream_seconds = time.perf_counter() - answer.sent_at
             if dispatch.target_header:
-                extra = [*extra, (TARGET_HEADER, target.label.encode("latin-1"))]
+                extra = [*extra, (TARGET_HEADER, target.label_bytes)]
             if read_usage or (settlement is not None and settlement.reads_usage):
                 tap = usage_tap(response.raw_headers)
             secrets = answer.step.group.secrets

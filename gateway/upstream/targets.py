@@ -41,6 +41,8 @@ class UpstreamTarget:
     # single target, "upstream/target" otherwise. Never its URL or key.
     target: str = "default"
     label: str = ""
+    # ``label`` as the value of the response header that names the target.
+    label_bytes: bytes = b""
     weight: float = 1.0
     # The upstream model name -> this target's name for it.
     models: Mapping[str, str] = field(default_factory=dict)
@@ -148,6 +150,7 @@ def build_target(
     added = (*((k.lower(), v) for k, v in headers.items()), *_auth_headers(auth))
     target_name = target.name or "default"
     single = upstream.base_url is not None
+    label = name if single else f"{name}/{target_name}"
     return UpstreamTarget(
         name=name,
         config=upstream,
@@ -160,7 +163,8 @@ def build_target(
         query_names=frozenset(k.lower() for k in query),
         secrets=_secrets(auth, headers, query, more_secrets),
         target=target_name,
-        label=name if single else f"{name}/{target_name}",
+        label=label,
+        label_bytes=label.encode("latin-1"),
         weight=target.weight,
         models=dict(target.models),
         health=health or TargetHealth(name, target_name, upstream.outlier),
