@@ -397,13 +397,15 @@ class RedisLimiter:
     def _failed(self, exc: BaseException) -> None:
         stats = self.stats
         stats.redis_errors += 1
-        stats.last_error = type(exc).__name__
-        stats.last_error_at = time.time()
         generation = lost_generation(exc)
         if generation is not None:
             if generation == self._counted_loss:
+                # An echo: another call in flight on a connection whose loss is counted
+                # already. Its cause (a timeout, say) stays the last error the operator sees.
                 return
             self._counted_loss = generation
+        stats.last_error = type(exc).__name__
+        stats.last_error_at = time.time()
         if self._breaker.failed():
             stats.breaker_trips += 1
             logger.warning(
