@@ -1,171 +1,35 @@
 """Fixtures: a private redis-server per test (never the shared one), and clients for it.
 
-``RedisServer`` can be stopped and started again on the same port, which the failure tests use
-to show the breaker and the recovery. It can also listen on a Unix socket and for TLS, so that
-every client the gateway builds (``build_limiter``) can be run against a real server.
+``RedisServer`` (``tests/support/redisserver.py``, shared with the other suites that need a real
+Redis) can be stopped and started again on the same port, which the failure tests use to show
+the breaker and the recovery. It can also listen on a Unix socket and for TLS, so that every
+client the gateway builds (``build_limiter``) can be run against a real server.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-REDIS_CLI = shutil.which("redis-cli")
+from tests.support.redisserver import (
+    RedisServer,
+    TlsFiles,
+    ask,
+    free_port,
+    running_cluster,
+)
+from tests.support.redisserver import redis_server_fixture as redis_server
+
+# Re-exported: the limits tests (and some others) import these from here.
+__all__ = ["RedisServer", "TlsFiles", "free_port", "redis_server", "running_cluster"]
+
 OPENSSL = shutil.which("openssl")
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
-
-    cert: Path
-    key: Path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too; both must be below 65536."""
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(20_000, 45_000)
-        if _bindable(port) and _bindable(port + 10_000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-def _ask(port: int, command: bytes) -> bytes:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(command + b"\r\n")
-            return sock.recv(4096)
-    except OSError:
-        return b""
-
-
-def _ping(port: int) -> bool:
-    """Whether a Redis answers on ``port``: PONG, or NOAUTH from one that wants a password."""
-    return _ask(port, b"PING").startswith((b"+PONG", b"-NOAUTH"))
-
-
-class RedisServer:
-    """A redis-server of our own in a temporary directory, without persistence. It always
-    listens on ``port`` (plain TCP, which ``start`` pings); with ``unix_socket`` on that path
-    too, and with ``tls`` for TLS on ``tls_port``."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        port: int | None = None,
-        *extra: str,
-        unix_socket: Path | None = None,
-        tls: TlsFiles | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.port = port if port is not None else free_port()
-        self.extra = extra
-        self.unix_socket = unix_socket
-        self.tls = tls
-        self.tls_port = free_port() if tls is not None else None
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    @property
-    def unix_url(self) -> str:
-        assert self.unix_socket is not None
-        return f"unix://{self.unix_socket}"
-
-    @property
-    def tls_url(self) -> str:
-        assert self.tls is not None
-        return f"rediss://127.0.0.1:{self.tls_port}?ssl_ca_certs={self.tls.cert}"
-
-    def _listeners(self) -> list[str]:
-        args = []
-        if self.unix_socket is not None:
-            args += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
-        if self.tls is not None:
-            args += ["--tls-port", str(self.tls_port), "--tls-auth-clients", "no"]
-            args += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
-            args += ["--tls-ca-cert-file", str(self.tls.cert)]
-        return args
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                *self._listeners(),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while not _ping(self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited at start")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        """Kill it (SIGKILL: a crash, not a shutdown) and wait for the port to close."""
-        if self.process is None:
-            return
-        self.process.kill()
-        self.process.wait(timeout=10)
-        self.process = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -223,53 +87,6 @@ def short_dir() -> Iterator[Path]:
         yield Path(name)
 
 
-@contextlib.contextmanager
-def running_cluster(base: Path) -> Iterator[list[RedisServer]]:
-    """Three masters, no replicas, all slots assigned: ``cluster_state:ok``."""
-    if REDIS_CLI is None:
-        pytest.skip("redis-cli is not installed: cannot create a Redis Cluster")
-    nodes = [
-        RedisServer(
-            base / f"node{i}",
-            free_cluster_port(),
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        )
-        for i in range(3)
-    ]
-    try:
-        for node in nodes:
-            node.start()
-        subprocess.run(
-            [
-                REDIS_CLI,
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{node.port}" for node in nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 20
-        while not all(b"cluster_state:ok" in _ask(n.port, b"CLUSTER INFO") for n in nodes):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
-            time.sleep(0.05)
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-
-
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
     """A cluster of this test's own."""
@@ -288,5 +105,5 @@ def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[l
 def flushed_redis_cluster(shared_redis_cluster: list[RedisServer]) -> list[RedisServer]:
     """The session's cluster, emptied of the previous test's keys."""
     for node in shared_redis_cluster:
-        assert _ask(node.port, b"FLUSHALL").startswith(b"+OK")
+        assert ask(node.port, b"FLUSHALL").startswith(b"+OK")
     return shared_redis_cluster

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,8 @@ from gateway.runtime import Runtime, build_runtime
 from gateway.upstream.health import HealthRegistry
 from gateway.upstream.health_sync import HealthSync, shared_key
 from gateway.upstream.targets import UpstreamTarget
-from tests.limits.conftest import RedisServer, running_cluster
+from tests.support.redisserver import RedisServer, running_cluster
+from tests.support.redisserver import redis_server_fixture as redis_server_fixture
 from tests.support.standin import StandInUpstream, in_process_gateway
 
 INTERVAL = 0.05
@@ -73,16 +74,6 @@ def eject(runtime: Runtime, name: str) -> float:
 
 def in_service(runtime: Runtime, name: str) -> bool:
     return target(runtime, name).health.in_service()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
