@@ -1,0 +1,376 @@
+"""The Lua scripts of ``RedisStore``: every change of a job's state is one script, so atomic.
+
+A job is a hash ``<tag>:job:<id>``. Its field ``job`` holds ``Job.dumps()`` as submitted (the
+request, metadata and other fields that never change); the fields that do change sit beside it
+as plain hash fields, which the scripts read and write with HGET/HSET:
+
+``status``, ``attempts``, ``started_at``, ``finished_at``, ``cancel`` ("1" once a cancel was
+asked of a running job), ``hook`` ("1" when the job has a webhook), ``webhook`` (its state),
+``expires_at``, ``entry`` (its stream entry), ``idem`` (its idempotency key's name),
+``result_status``, ``result_headers`` (JSON), ``result_body`` (raw bytes), ``error_code``,
+``error_message``, ``deliveries`` (a JSON array, appended to).
+
+Why fields and not one JSON blob decoded with cjson: a script then never decodes or re-encodes
+the request body or a result of up to ``max_result_bytes`` (Redis runs one script at a time, and
+cjson on a 20 MB string would stall every other client), and nothing round-trips through cjson,
+which writes numbers with 14 significant digits and an empty array as ``{}``. Times are stored as
+the decimal strings Python sent, never as Lua numbers.
+
+Every key shares the hash tag ``<tag>`` (``{gateway:jobs}``), so all of them are in one Redis
+Cluster slot. That is what lets ``take`` and ``due_deliveries`` build job keys from ids they only
+learn inside the script (from the stream, from the schedule): Redis requires a script's keys to be
+named in KEYS so that Cluster can route it, and a key built inside the script is only safe when it
+is in the same slot as those (https://redis.io/docs/latest/develop/interact/programmability/eval-intro/).
+The price is that the whole job store lives on one Cluster node: jobs scale with that node, not
+with the cluster. The queue cannot be split across slots anyway (one stream, one consumer group).
+"""
+
+from __future__ import annotations
+
+# Helpers every script gets. ``tag`` is ARGV[1] in every script.
+_PRELUDE = """
+local tag = ARGV[1]
+local function jobkey(id) return tag .. ':job:' .. id end
+local function terminal(status)
+  return status == 'completed' or status == 'failed' or status == 'cancelled'
+    or status == 'expired'
+end
+-- A record and its idempotency key live and die together: the key must not outlive the job
+-- (a resubmit would get nothing back) nor die before it (a resubmit would make a second job).
+local function set_ttl(key, ms)
+  redis.call('PEXPIRE', key, ms)
+  local idem = redis.call('HGET', key, 'idem')
+  if idem and redis.call('GET', idem) == redis.call('HGET', key, 'id') then
+    redis.call('PEXPIRE', idem, ms)
+  end
+end
+local function extend_ttl(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then set_ttl(key, ms) end
+end
+-- Finish a job that is not finished yet; a webhook is due at once.
+local function end_job(key, id, status, now, retention_ms, webhooks, queued, code, message)
+  redis.call('HSET', key, 'status', status, 'finished_at', now)
+  if code then redis.call('HSET', key, 'error_code', code, 'error_message', message) end
+  if redis.call('HGET', key, 'hook') == '1' then
+    redis.call('HSET', key, 'webhook', 'pending')
+    redis.call('ZADD', webhooks, now, id)
+  else
+    redis.call('HSET', key, 'webhook', 'none')
+  end
+  redis.call('SREM', queued, id)
+  set_ttl(key, retention_ms)
+end
+"""
+
+# KEYS: job, stream, queued, idempotency key (unused without one), index... (the owner's, the
+# team's). ARGV: tag, id, Job.dumps(), created_at, expires_at, ttl_ms, hook, webhook state,
+# with_idem. Returns {1} when stored, {0, hash} when the idempotency key names a retained job.
+SUBMIT = (
+    _PRELUDE
+    + """
+local key, stream, queued, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id = ARGV[2]
+if ARGV[9] == '1' then
+  local existing = redis.call('GET', idem)
+  if existing then
+    local found = redis.call('HGETALL', jobkey(existing))
+    if #found > 0 then return {0, found} end
+  end
+end
+if redis.call('EXISTS', key) == 1 then return redis.error_reply('ERR job id in use: ' .. id) end
+local entry = redis.call('XADD', stream, '*', 'id', id)
+redis.call('HSET', key, 'job', ARGV[3], 'id', id, 'status', 'queued', 'attempts', '0',
+  'expires_at', ARGV[5], 'hook', ARGV[7], 'webhook', ARGV[8], 'entry', entry)
+redis.call('PEXPIRE', key, ARGV[6])
+if ARGV[9] == '1' then
+  redis.call('HSET', key, 'idem', idem)
+  redis.call('SET', idem, id, 'PX', ARGV[6])
+end
+redis.call('SADD', queued, id)
+for i = 5, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[4], id)
+  -- An index is only read from the top, so ids whose record expired would pile up at its
+  -- bottom: each submit drops up to two of the oldest dead ones (page() drops those it meets).
+  for _ = 1, 2 do
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0)
+    if #oldest == 0 or redis.call('EXISTS', jobkey(oldest[1])) == 1 then break end
+    redis.call('ZREM', KEYS[i], oldest[1])
+  end
+end
+return {1}
+"""
+)
+
+# KEYS: stream, queued, webhooks. ARGV: tag, group, worker, now, lease_ms, max_attempts,
+# retention_ms, keep_ms (a running job's record lives at least lease + retention), the expired
+# error's code and message, the dead letter's code and message, mode ('lapsed' or 'entry'),
+# in mode 'entry' the entry id and the job id XREADGROUP gave this worker (else ''), and the
+# cancelled error's code and message.
+# Returns {entry, hash} of the job now running, or false.
+TAKE = (
+    _PRELUDE
+    + """
+local stream, queued, webhooks = KEYS[1], KEYS[2], KEYS[3]
+local group, worker, now = ARGV[2], ARGV[3], ARGV[4]
+local lease_ms, max_attempts = ARGV[5], tonumber(ARGV[6])
+local retention_ms, keep_ms = ARGV[7], ARGV[8]
+
+local function drop(entry, id)
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+  if id then redis.call('SREM', queued, id) end
+end
+
+-- The entry was just delivered to (or claimed for) this worker: run its job, or finish the job
+-- here when it must not run, and let go of the entry.
+local function start(entry, id)
+  local key = jobkey(id)
+  local status = redis.call('HGET', key, 'status')
+  if not status or terminal(status) then
+    -- Gone (retention ran out) or finished already, by a worker that died before its XACK.
+    drop(entry, id)
+    return false
+  end
+  local ending, code, message = nil, nil, nil
+  if redis.call('HGET', key, 'cancel') == '1' then
+    -- Its worker died after the cancel reached the store.
+    ending, code, message = 'cancelled', ARGV[16], ARGV[17]
+  elseif status == 'queued'
+      and tonumber(now) >= tonumber(redis.call('HGET', key, 'expires_at')) then
+    ending, code, message = 'expired', ARGV[9], ARGV[10]
+  elseif tonumber(redis.call('HGET', key, 'attempts')) >= max_attempts then
+    ending, code, message = 'failed', ARGV[11], ARGV[12]  -- the dead letter
+  end
+  if ending then
+    end_job(key, id, ending, now, retention_ms, webhooks, queued, code, message)
+    drop(entry, id)
+    return false
+  end
+  local attempts = tonumber(redis.call('HGET', key, 'attempts')) + 1
+  redis.call('HSET', key, 'status', 'in_progress', 'attempts', tostring(attempts),
+    'started_at', now)
+  redis.call('SREM', queued, id)
+  extend_ttl(key, keep_ms)
+  return {entry, redis.call('HGETALL', key)}
+end
+
+if ARGV[13] == 'entry' then
+  local entry = ARGV[14]
+  -- Still this worker's? Only if the script ran later than a lease after XREADGROUP gave it the
+  -- entry could another worker have claimed it since.
+  local pending = redis.call('XPENDING', stream, group, entry, entry, 1)
+  if #pending == 0 or pending[1][2] ~= worker then return false end
+  return start(entry, ARGV[15])
+end
+
+-- Entries whose worker let them idle longer than a lease (it died, or lost Redis): claimed
+-- here, in the script, so that a claim and the attempt it counts are one step. XAUTOCLAIM with
+-- COUNT 1 looks at up to 10 pending entries per call, oldest first; the cursor goes round the
+-- whole pending list (https://redis.io/docs/latest/commands/xautoclaim/).
+local cursor = '0-0'
+repeat
+  local reply = redis.call('XAUTOCLAIM', stream, group, worker, lease_ms, cursor, 'COUNT', 1)
+  cursor = reply[1]
+  for _, item in ipairs(reply[2]) do
+    local entry, fields = item[1], item[2]
+    if not fields then
+      drop(entry, nil)  -- deleted under its reader (Redis 6.2 returns it; 7 drops it itself)
+    else
+      local taken = start(entry, fields[2])
+      if taken then return taken end
+    end
+  end
+until cursor == '0-0'
+return false
+"""
+)
+
+# KEYS: job, stream. ARGV: tag, group, entry, attempts (the claim's), keep_ms.
+# Returns the job's hash, or false when it is gone.
+RENEW = (
+    _PRELUDE
+    + """
+local key, stream = KEYS[1], KEYS[2]
+local group, entry = ARGV[2], ARGV[3]
+local status = redis.call('HGET', key, 'status')
+if not status then return false end
+-- Renew only the current run's lease: a claim whose lease lapsed and whose job another worker
+-- took since (more attempts now) must not take the entry back. Its worker sees the job as
+-- stored and runs on (at-least-once; finish keeps the first outcome).
+if status == 'in_progress'
+    and tonumber(redis.call('HGET', key, 'attempts')) == tonumber(ARGV[4]) then
+  local pending = redis.call('XPENDING', stream, group, entry, entry, 1)
+  if #pending > 0 then
+    -- XCLAIM to its own consumer resets the entry's idle time, so XAUTOCLAIM elsewhere leaves
+    -- it alone for another lease; JUSTID does not count a delivery. Without this, a run longer
+    -- than the lease is claimed twice (taskiq-redis#101).
+    redis.call('XCLAIM', stream, group, pending[1][2], 0, entry, 'JUSTID')
+  end
+  extend_ttl(key, ARGV[5])
+end
+return redis.call('HGETALL', key)
+"""
+)
+
+# KEYS: job, stream, queued, webhooks. ARGV: tag, group, entry, id, status, now, retention_ms,
+# with_result, result status, result headers, result body, with_error, error code, message.
+# Returns the job's hash as stored after, or false when it is gone.
+FINISH = (
+    _PRELUDE
+    + """
+local key, stream, queued, webhooks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, entry, id = ARGV[2], ARGV[3], ARGV[4]
+local status = redis.call('HGET', key, 'status')
+if status and not terminal(status) then
+  if ARGV[8] == '1' then
+    redis.call('HSET', key, 'result_status', ARGV[9], 'result_headers', ARGV[10],
+      'result_body', ARGV[11])
+  end
+  local code, message = nil, nil
+  if ARGV[12] == '1' then code, message = ARGV[13], ARGV[14] end
+  end_job(key, id, ARGV[5], ARGV[6], ARGV[7], webhooks, queued, code, message)
+end
+-- The entry goes in every case: a second finish (a lapsed worker's) lets go of it too.
+redis.call('XACK', stream, group, entry)
+redis.call('XDEL', stream, entry)
+if not status then return false end
+return redis.call('HGETALL', key)
+"""
+)
+
+# KEYS: job, stream, queued, webhooks. ARGV: tag, id, now, retention_ms, and the cancelled
+# error's code and message.
+# Returns the job's hash as stored after, or false when it is unknown.
+CANCEL = (
+    _PRELUDE
+    + """
+local key, stream, queued, webhooks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local status = redis.call('HGET', key, 'status')
+if not status then return false end
+if status == 'queued' then
+  end_job(key, ARGV[2], 'cancelled', ARGV[3], ARGV[4], webhooks, queued, ARGV[5], ARGV[6])
+  -- Out of the queue at once. Had XREADGROUP given the entry to a worker whose script has not
+  -- run yet, that script finds the job cancelled and acknowledges the entry.
+  redis.call('XDEL', stream, redis.call('HGET', key, 'entry'))
+elseif status == 'in_progress' then
+  redis.call('HSET', key, 'cancel', '1')
+end
+return redis.call('HGETALL', key)
+"""
+)
+
+# KEYS: webhooks. ARGV: tag, now, now + lease, limit. Returns the hashes of the jobs leased.
+DUE = (
+    _PRELUDE
+    + """
+local webhooks = KEYS[1]
+local limit = tonumber(ARGV[4])
+local out = {}
+-- Each id met is either leased (its score moves past now) or dropped, so this ends.
+while #out < limit do
+  local ids = redis.call('ZRANGEBYSCORE', webhooks, '-inf', ARGV[2], 'LIMIT', 0, limit - #out)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local key = jobkey(id)
+    if redis.call('HGET', key, 'webhook') == 'pending' then
+      redis.call('ZADD', webhooks, ARGV[3], id)
+      out[#out + 1] = redis.call('HGETALL', key)
+    else
+      redis.call('ZREM', webhooks, id)  -- expired, or its schedule ended
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: job, webhooks. ARGV: tag, id, delivery (a JSON array), state, next_at ('' for none).
+# Returns the job's hash as stored after, or false when it is gone.
+DELIVERED = (
+    _PRELUDE
+    + """
+local key, webhooks, id = KEYS[1], KEYS[2], ARGV[2]
+if redis.call('EXISTS', key) == 0 then
+  redis.call('ZREM', webhooks, id)
+  return false
+end
+local done = redis.call('HGET', key, 'deliveries')
+if done then
+  done = string.sub(done, 1, -2) .. ',' .. ARGV[3] .. ']'
+else
+  done = '[' .. ARGV[3] .. ']'
+end
+redis.call('HSET', key, 'deliveries', done, 'webhook', ARGV[4])
+if ARGV[4] == 'pending' then
+  -- Without a time the schedule stays as due_deliveries left it: due again when its lease ends.
+  if ARGV[5] ~= '' then redis.call('ZADD', webhooks, ARGV[5], id) end
+else
+  redis.call('ZREM', webhooks, id)
+end
+return redis.call('HGETALL', key)
+"""
+)
+
+# KEYS: index. ARGV: tag, after ('' for the newest), count (ids to read), want (records to
+# return at most), status ('' for any). Returns false when ``after`` is not in the index, else
+# {ended, last, hash...}: whether the index ended within these ids, the last retained id read
+# ('' when none: the next batch starts from the same place), and the matching records, newest
+# first. The filter is a field read (HGET status), so a record that does not match is never
+# sent, and the records stop at ``want``. Ids whose record expired are dropped from the index
+# as they are met.
+PAGE = (
+    _PRELUDE
+    + """
+local index = KEYS[1]
+local count, want, status = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local start = 0
+if ARGV[2] ~= '' then
+  local rank = redis.call('ZREVRANK', index, ARGV[2])
+  if not rank then return false end
+  start = rank + 1
+end
+local ids = redis.call('ZREVRANGE', index, start, start + count - 1)
+local out = {#ids < count and 1 or 0, ''}
+local found = 0
+for _, id in ipairs(ids) do
+  local key = jobkey(id)
+  local current = redis.call('HGET', key, 'status')
+  if not current then
+    redis.call('ZREM', index, id)
+  else
+    out[2] = id
+    if status == '' or current == status then
+      out[#out + 1] = redis.call('HGETALL', key)
+      found = found + 1
+      if found == want then
+        out[1] = 0
+        return out
+      end
+    end
+  end
+end
+return out
+"""
+)
+
+# KEYS: stream. ARGV: tag, group, idle_ms. Returns how many consumers were removed.
+# Redis never removes a consumer itself (XGROUP DELCONSUMER does,
+# https://redis.io/docs/latest/commands/xgroup-delconsumer/), and every gateway process is a new
+# one (its name has a random part): without this the group keeps one per process ever started.
+# Only consumers with no pending entry go, so no lease is lost; one that was merely quiet is
+# made again by its next XREADGROUP.
+FORGET_CONSUMERS = (
+    _PRELUDE
+    + """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[2], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+)

@@ -1,0 +1,512 @@
+"""Jobs in Redis, shared by every replica: a Redis Streams queue with one consumer group.
+
+Keys (every one behind the hash tag ``{<prefix>}``, so all in one Cluster slot; the trade-off is
+in ``redis_scripts.py``):
+
+- ``<tag>:queue``: the stream, one entry per submitted job (``id`` -> the job id), read by the
+  consumer group ``workers``; a replica's worker is a consumer. An entry is acknowledged and
+  deleted when its job ends, so the stream holds the jobs queued and running. The stream and
+  its group are made by the first submit: a gateway that never saw a job writes no key.
+- ``<tag>:job:<id>``: the job, a hash (layout in ``redis_scripts.py``). Its TTL: while queued
+  ``expires_at`` + retention (a job nobody took still ends), while running at least lease +
+  retention (kept by renewals), once finished ``retention``.
+- ``<tag>:idem:<owner>:<sha256>``: the job id of an idempotency key, living as long as its job.
+- ``<tag>:index:key:<name>``, ``<tag>:index:team:<name>``: sorted sets, id scored by
+  ``created_at``, for ``page``.
+- ``<tag>:queued``: the set of ids still queued: ``depth`` is its size. A set rather than a
+  counter, because a record can expire unseen and only an idempotent SREM by id can then correct
+  the count; and rather than the group's ``lag`` (XINFO GROUPS, Redis 7), which is unknown
+  (nil) once an entry not yet read was deleted, as the cancel of a queued job deletes its own.
+- ``<tag>:webhooks``: the delivery schedule, id scored by the time the next delivery is due.
+
+Leases are the consumer group's pending entries: ``take`` claims entries idle longer than a
+lease (XAUTOCLAIM) before reading new ones (XREADGROUP), and ``renew`` resets an entry's idle
+time (XCLAIM to its own consumer). The store uses the caller's clock for the times it writes
+(``started_at``, expiry against ``expires_at``) and Redis's own for leases and retention.
+
+The client must be a redis-py asyncio ``Redis`` or ``RedisCluster`` made with
+``decode_responses=False`` (results are bytes). The store owns it: ``aclose`` closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from gateway.jobs import redis_scripts
+from gateway.jobs.memory_store import fresh, indexes
+from gateway.jobs.model import (
+    Delivery,
+    Job,
+    JobError,
+    JobResult,
+    Status,
+    WebhookState,
+)
+from gateway.jobs.store import CANCELLED, EXPIRED, MAX_ATTEMPTS, Claim, StoreSettings
+
+__all__ = ["RedisStore"]
+
+_GROUP = "workers"
+# Records read per script call when paging: enough for a page and the look past it, bounded so
+# that a filtered page over a long index never holds Redis in one long script.
+_PAGE_BATCH = 100
+# How long before the client's own socket timeout a blocking read returns (see _block_ms).
+_SOCKET_MARGIN = 0.25
+
+
+class RedisStore:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        settings: StoreSettings,
+        *,
+        prefix: str = "gateway:jobs",
+        clock: Callable[[], float] = time.time,
+        forget_consumers_after: float = 3600.0,
+    ) -> None:
+        """``forget_consumers_after``: seconds after which a consumer (a worker) that holds no
+        entry and has not read is removed from the group (see FORGET_CONSUMERS)."""
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the prefix becomes the keys' hash tag: it may hold no braces")
+        if client.get_encoder().decode_responses:
+            raise ValueError("the jobs store needs a client with decode_responses=False")
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        self._tag = "{" + prefix + "}"
+        self._stream = f"{self._tag}:queue"
+        self._queued = f"{self._tag}:queued"
+        self._webhooks = f"{self._tag}:webhooks"
+        self._lease_ms = max(1, math.ceil(settings.lease * 1000))
+        self._retention_ms = max(1, math.ceil(settings.retention * 1000))
+        self._keep_ms = self._lease_ms + self._retention_ms
+        self._submit = client.register_script(redis_scripts.SUBMIT)
+        self._take = client.register_script(redis_scripts.TAKE)
+        self._renew = client.register_script(redis_scripts.RENEW)
+        self._finish = client.register_script(redis_scripts.FINISH)
+        self._cancel = client.register_script(redis_scripts.CANCEL)
+        self._due = client.register_script(redis_scripts.DUE)
+        self._delivered = client.register_script(redis_scripts.DELIVERED)
+        self._page = client.register_script(redis_scripts.PAGE)
+        self._forget = client.register_script(redis_scripts.FORGET_CONSUMERS)
+        self._forget_after_ms = max(1, math.ceil(forget_consumers_after * 1000))
+        self._forget_every = forget_consumers_after / 4
+        self._next_forget = 0.0  # the event loop's time of the next clean-up of the group
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._uninitialized = client if isinstance(client, RedisCluster) else None
+        self._socket_timeout = _socket_timeout(client)
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _job_key(self, job_id: str) -> str:
+        return f"{self._tag}:job:{job_id}"
+
+    def _index_key(self, index: str) -> str:
+        return f"{self._tag}:index:{index}"
+
+    def _idem_key(self, owner: str, idempotency: str) -> str:
+        # The digest is hex, so the last ':' separates it even when the owner holds one.
+        return f"{self._tag}:idem:{owner}:{idempotency}"
+
+    # -- the consumer group ----------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        """Make the stream and its group (XGROUP CREATE ... MKSTREAM), once per store."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                # From id 0, so that jobs submitted before the group was made are delivered.
+                await self._client.xgroup_create(self._stream, _GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):  # made already, by this or another replica
+                    raise
+            self._ready = True
+
+    async def _connected(self) -> None:
+        """redis-py's cluster client initializes lazily, and commands racing that first
+        initialization fail (connections are swapped under them): every call waits for it once,
+        first (as the limiter does)."""
+        if self._uninitialized is None:
+            return
+        async with self._ready_lock:
+            if self._uninitialized is not None:
+                await self._uninitialized.initialize()
+                self._uninitialized = None
+
+    async def _queue_ready(self, block_ms: int | None) -> bool:
+        """Whether the queue exists (and then its group). A gateway whose jobs store never saw a
+        job writes nothing to Redis: until some replica submits one, ``take`` waits for the
+        stream to appear with XREAD BLOCK, which, unlike XGROUP CREATE MKSTREAM, makes no key.
+        From id 0-0, so that an entry added between the EXISTS and the XREAD ends the wait."""
+        if self._ready:
+            return True
+        if await self._client.exists(self._stream):
+            await self._ensure_group()
+            return True
+        if block_ms is not None:
+            await self._client.xread({self._stream: "0-0"}, count=1, block=block_ms)
+        return False
+
+    async def _script(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script that uses the consumer group, making the group again if it is gone
+        (the stream was deleted, or Redis restarted without persistence)."""
+        try:
+            return await script(keys=keys, args=args)
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+        self._ready = False
+        await self._ensure_group()
+        return await script(keys=keys, args=args)
+
+    # -- the contract ----------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> Job:
+        if job.status is not Status.QUEUED:
+            raise ValueError(f"a submitted job is queued, not {job.status}")
+        job = fresh(job)
+        await self._connected()
+        await self._ensure_group()
+        now = self._clock()
+        # A job nobody takes still ends: its queue deadline, then the retention.
+        queued_for = max(job.expires_at - now, 0.0) + self._settings.retention
+        ttl_ms = max(1, math.ceil(queued_for * 1000))
+        idem = (
+            self._idem_key(job.owner, job.idempotency)
+            if job.idempotency is not None
+            else f"{self._tag}:idem:"
+        )
+        keys = [self._job_key(job.id), self._stream, self._queued, idem]
+        keys += [self._index_key(index) for index in indexes(job)]
+        reply = await self._submit(
+            keys=keys,
+            args=[
+                self._tag,
+                job.id,
+                job.dumps(),
+                repr(job.created_at),
+                repr(job.expires_at),
+                ttl_ms,
+                "1" if job.webhook_url is not None else "",
+                job.webhook_state.value,
+                "1" if job.idempotency is not None else "",
+            ],
+        )
+        if int(reply[0]) == 0:
+            return _job(reply[1])
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        await self._connected()
+        found = await self._client.hgetall(self._job_key(job_id))
+        return _job(found) if found else None
+
+    async def page(
+        self, index: str, *, status: Status | None, limit: int, after: str | None
+    ) -> tuple[list[Job], bool]:
+        """Newest first from the index's sorted set. The status filter is applied after
+        reading the index: batches of ids are read until the page is full (and one more match
+        shows that more follow) or the index ends, so a rare status can cost a walk of the index
+        (in batches, each one short script). An ``after`` no longer in the index (its job
+        expired) gives an empty page."""
+        await self._connected()
+        key = self._index_key(index)
+        jobs: list[Job] = []
+        cursor = after or ""
+        batch = min(max(limit + 1, 10), _PAGE_BATCH)
+        wanted = "" if status is None else status.value
+        while True:
+            want = limit - len(jobs) + 1  # one more than the page: whether more follow
+            reply = await self._page(keys=[key], args=[self._tag, cursor, batch, want, wanted])
+            if not reply:  # the cursor is not in the index (expired, even between two batches)
+                return jobs, False
+            ended, last, records = int(reply[0]) == 1, _text(reply[1]), reply[2:]
+            for record in records:
+                if len(jobs) == limit:
+                    return jobs, True
+                jobs.append(_job(record))
+            if ended:
+                return jobs, False
+            cursor = last or cursor
+
+    async def cancel(self, job_id: str, now: float) -> Job | None:
+        await self._connected()
+        reply = await self._cancel(
+            keys=[self._job_key(job_id), self._stream, self._queued, self._webhooks],
+            args=[
+                self._tag,
+                job_id,
+                repr(now),
+                self._retention_ms,
+                CANCELLED.code,
+                CANCELLED.message,
+            ],
+        )
+        return _job(reply) if reply else None
+
+    async def take(self, worker: str, block: float) -> Claim | None:
+        await self._connected()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(block, 0.0)
+        while True:
+            if not await self._queue_ready(self._block_ms(deadline - loop.time())):
+                if deadline - loop.time() <= 0:
+                    return None
+                continue
+            if loop.time() >= self._next_forget:
+                self._next_forget = loop.time() + self._forget_every
+                await self._script(
+                    self._forget, [self._stream], [self._tag, _GROUP, self._forget_after_ms]
+                )
+            claim = await self._take_one(worker, "lapsed", "", "")
+            if claim is not None:
+                return claim
+            remaining = deadline - loop.time()
+            entries = await self._read(worker, self._block_ms(remaining))
+            for entry, job_id in entries:
+                claim = await self._take_one(worker, "entry", entry, job_id)
+                if claim is not None:
+                    return claim
+            if not entries and deadline - loop.time() <= 0:
+                return None
+
+    def _block_ms(self, remaining: float) -> int | None:
+        """XREADGROUP's BLOCK for a wait of ``remaining`` seconds: None (do not block) when no
+        time is left; at most a lease, so that a lease lapsing meanwhile is seen; and short of
+        the client's socket timeout, which would otherwise end a quiet wait as an error."""
+        if remaining <= 0:
+            return None
+        wait = min(remaining, self._settings.lease)
+        if self._socket_timeout is not None:
+            wait = min(wait, max(self._socket_timeout - _SOCKET_MARGIN, 0.01))
+        return max(1, math.ceil(wait * 1000))
+
+    async def _read(self, worker: str, block_ms: int | None) -> list[tuple[str, str]]:
+        try:
+            reply = await self._client.xreadgroup(
+                _GROUP, worker, {self._stream: ">"}, count=1, block=block_ms
+            )
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            self._ready = False
+            return []
+        return _stream_entries(reply)
+
+    async def _take_one(self, worker: str, mode: str, entry: str, job_id: str) -> Claim | None:
+        settings = self._settings
+        reply = await self._script(
+            self._take,
+            [self._stream, self._queued, self._webhooks],
+            [
+                self._tag,
+                _GROUP,
+                worker,
+                repr(self._clock()),
+                self._lease_ms,
+                settings.max_attempts,
+                self._retention_ms,
+                self._keep_ms,
+                EXPIRED.code,
+                EXPIRED.message,
+                MAX_ATTEMPTS.code,
+                MAX_ATTEMPTS.message,
+                mode,
+                entry,
+                job_id,
+                CANCELLED.code,
+                CANCELLED.message,
+            ],
+        )
+        if not reply:
+            return None
+        return Claim(job=_job(reply[1]), token=_text(reply[0]))
+
+    async def renew(self, claim: Claim) -> Job | None:
+        await self._connected()
+        reply = await self._script(
+            self._renew,
+            [self._job_key(claim.job.id), self._stream],
+            [self._tag, _GROUP, claim.token, claim.job.attempts, self._keep_ms],
+        )
+        return _job(reply) if reply else None
+
+    async def finish(
+        self,
+        claim: Claim,
+        status: Status,
+        result: JobResult | None,
+        error: JobError | None,
+        now: float,
+    ) -> Job:
+        await self._connected()
+        if not status.terminal:
+            raise ValueError(f"a job finishes completed, failed, cancelled or expired: {status}")
+        job_id = claim.job.id
+        reply = await self._script(
+            self._finish,
+            [self._job_key(job_id), self._stream, self._queued, self._webhooks],
+            [
+                self._tag,
+                _GROUP,
+                claim.token,
+                job_id,
+                status.value,
+                repr(now),
+                self._retention_ms,
+                "1" if result is not None else "",
+                result.status if result is not None else "",
+                _headers_json(result.headers) if result is not None else "",
+                result.body if result is not None else b"",
+                "1" if error is not None else "",
+                error.code if error is not None else "",
+                error.message if error is not None else "",
+            ],
+        )
+        if reply:
+            return _job(reply)
+        # The record is gone (it outlived its retention unrenewed): nothing is stored, and the
+        # caller gets the outcome it asked for, as it would have been stored.
+        return claim.job.but(
+            status=status,
+            result=result,
+            error=error,
+            finished_at=now,
+            webhook_state=WebhookState.NONE,
+        )
+
+    async def due_deliveries(self, now: float, lease: float, limit: int) -> list[Job]:
+        await self._connected()
+        if lease <= 0:
+            raise ValueError("a delivery lease is a positive number of seconds")
+        if limit <= 0:
+            return []
+        reply = await self._due(
+            keys=[self._webhooks], args=[self._tag, repr(now), repr(now + lease), limit]
+        )
+        return [_job(record) for record in reply]
+
+    async def delivered(
+        self, job_id: str, delivery: Delivery, state: WebhookState, next_at: float | None
+    ) -> Job | None:
+        await self._connected()
+        entry = [delivery.attempt, delivery.at, delivery.status, delivery.error]
+        entry.append(delivery.duration_ms)
+        reply = await self._delivered(
+            keys=[self._job_key(job_id), self._webhooks],
+            args=[
+                self._tag,
+                job_id,
+                orjson.dumps(entry),
+                state.value,
+                "" if next_at is None else repr(next_at),
+            ],
+        )
+        return _job(reply) if reply else None
+
+    async def depth(self) -> int:
+        await self._connected()
+        count = await self._client.scard(self._queued)
+        return int(count)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _headers_json(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Headers as Job.dumps writes them: pairs of base64 strings (a header may hold any byte)."""
+    return orjson.dumps([[_b64(name), _b64(value)] for name, value in headers])
+
+
+def _headers(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((_unb64(name), _unb64(value)) for name, value in orjson.loads(data))
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _unb64(value: str) -> bytes:
+    return base64.b64decode(value)
+
+
+def _job(reply: Any) -> Job:
+    """A job from a hash: HGETALL's dict, or a script's flat list of fields and values."""
+    if isinstance(reply, dict):
+        fields: dict[bytes, bytes] = reply
+    else:
+        fields = dict(zip(reply[::2], reply[1::2], strict=True))
+    started = fields.get(b"started_at")
+    finished = fields.get(b"finished_at")
+    result = None
+    if b"result_status" in fields:
+        result = JobResult(
+            int(fields[b"result_status"]),
+            _headers(fields[b"result_headers"]),
+            fields[b"result_body"],
+        )
+    error = None
+    if b"error_code" in fields:
+        error = JobError(fields[b"error_code"].decode(), fields[b"error_message"].decode())
+    deliveries = fields.get(b"deliveries")
+    return Job.loads(fields[b"job"]).but(
+        status=Status(fields[b"status"].decode()),
+        attempts=int(fields[b"attempts"]),
+        started_at=None if started is None else float(started),
+        finished_at=None if finished is None else float(finished),
+        cancel_requested=fields.get(b"cancel") == b"1",
+        result=result,
+        error=error,
+        webhook_state=WebhookState(fields[b"webhook"].decode()),
+        deliveries=()
+        if deliveries is None
+        else tuple(Delivery(*entry) for entry in orjson.loads(deliveries)),
+    )
+
+
+def _stream_entries(reply: Any) -> list[tuple[str, str]]:
+    """(entry id, job id) from XREADGROUP's answer, in each shape redis-py gives it: a list of
+    [stream, entries] (RESP2), or a dict of stream -> entries (RESP3)."""
+    if not reply:
+        return []
+    groups = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
+    out: list[tuple[str, str]] = []
+    for entries in groups:
+        # redis-py's older RESP3 parser wraps a stream's entries in one more list.
+        if entries and isinstance(entries[0], list) and isinstance(entries[0][0], tuple | list):
+            entries = entries[0]
+        for entry, fields in entries:
+            if fields:
+                out.append((_text(entry), _text(fields[b"id"])))
+    return out
+
+
+def _socket_timeout(client: Redis | RedisCluster) -> float | None:
+    """The client's socket timeout, which a blocking read must stay short of."""
+    if isinstance(client, RedisCluster):
+        kwargs = client.nodes_manager.connection_kwargs
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+    value = kwargs.get("socket_timeout")
+    return float(value) if value else None

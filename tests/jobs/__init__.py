@@ -1,0 +1,1 @@
+"""The job stores: one specification of the contract, held by each store."""
