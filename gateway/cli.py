@@ -20,6 +20,7 @@ from gateway import __version__
 from gateway.auth import hash_key, new_key
 from gateway.config.loader import ConfigError, load_config, load_config_files
 from gateway.config.model import ApiKey, GatewayConfig
+from gateway.jobs.signing import new_secret
 from gateway.observability import metrics, workers
 from gateway.observability.logs import logging_config
 from gateway.routing import RouteTable
@@ -281,6 +282,16 @@ def _keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhooks_secret(args: argparse.Namespace) -> int:
+    print(
+        "# Put it in GATEWAY_WEBHOOK_SECRET (or the variable jobs.webhooks.secret_env names); to "
+        "rotate, put the new one first and keep the old one after a space for a while:",
+        file=sys.stderr,
+    )
+    print(new_secret())
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     print(json.dumps(GatewayConfig.model_json_schema(), indent=2))
     return 0
@@ -346,6 +357,15 @@ def parser() -> argparse.ArgumentParser:
     new.set_defaults(run=_keys_new)
     hashed = key_commands.add_parser("hash", help="print the hash of a key read from stdin")
     hashed.set_defaults(run=_keys_hash)
+
+    webhooks = commands.add_parser("webhooks", help="job webhooks")
+    webhook_commands = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    secret = webhook_commands.add_parser(
+        "secret",
+        help="print a fresh signing secret ('whsec_' and base64 of 32 random bytes); several, "
+        "space separated in the variable, sign with each (rotation)",
+    )
+    secret.set_defaults(run=_webhooks_secret)
 
     schema = commands.add_parser("schema", help="print the config's JSON Schema")
     schema.set_defaults(run=_schema)

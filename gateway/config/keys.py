@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 
 from gateway.config.fields import Model, Name
 from gateway.config.spend import Budget
+from gateway.jobs.hosts import WebhookHosts
 
 __all__ = ["KEY_HASH_PATTERN", "ApiKey", "Limits", "LimitsSection", "check_key_hash"]
 
@@ -68,11 +69,30 @@ class ApiKey(Model):
         ("*",), description="Public model names allowed; shell-style patterns. Default all."
     )
     limits: Limits | None = Field(None, description="This key's limits. Default: limits.default.")
+    webhook_hosts: tuple[str, ...] = Field(
+        ("*",),
+        description="Where this key's jobs may send webhooks: host names ('hooks.example.com', "
+        "'*.example.com'), IP addresses or networks ('10.0.0.0/8'), each with an optional "
+        "':port'; '*' is any host whose addresses are all public. A private, loopback, "
+        "link-local or otherwise internal address (the cloud metadata address included) is "
+        "reached only when an entry names it or its network, never through '*' or a host "
+        "name pattern; plain http only to hosts named exactly. [] turns webhooks off for the "
+        "key. Default ['*'].",
+    )
 
     @field_validator("hash", mode="before")
     @classmethod
     def _hash_says_how_to_make_one(cls, value: object) -> object:
         return check_key_hash(value)
+
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _webhook_hosts_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # The same parser the webhook sender uses, so an entry the config accepts is one the
+        # sender understands; the error names the entry and why ("entry 1 ('10.0.0.1/8') has
+        # host bits set; did you mean '10.0.0.0/8'?").
+        WebhookHosts.parse(value)
+        return value
 
 
 def check_key_hash(value: object) -> object:
