@@ -30,9 +30,13 @@ from gateway.context import context_of
 from gateway.endpoints import health
 from gateway.endpoints.admin import PREFIX as ADMIN_PREFIX
 from gateway.endpoints.admin import AdminApi, redact
+from gateway.endpoints.jobs import JobsApi, is_jobs_path
 from gateway.endpoints.openapi import openapi_document
 from gateway.http.body import BodyBudget
 from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
+from gateway.http.prefer import preferences
+from gateway.jobs.model import Job
+from gateway.jobs.service import JobService
 from gateway.limits import Limiter, LimiterStats, RedisLimiter, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.observability.access_log import AccessLog, BufferedLines
@@ -123,6 +127,9 @@ class Gateway:
             self.metrics,
             read_usage=self.metrics is not None,
         )
+        # Jobs (gateway/jobs/): made in the lifespan when the config enables them.
+        self.jobs: JobService | None = None
+        self._jobs_api: JobsApi | None = None
         # Set by the server on SIGTERM (gateway/server/runner.py): /readyz answers 503 from then
         # on, so load balancers stop sending new requests before the listening socket closes.
         self.draining = False
@@ -154,6 +161,10 @@ class Gateway:
         if config.server.access_log:
             observers.append(AccessLog(self.access_lines.write))
         return observers
+
+    def _job_finished(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.job_finished(job.status.value)
 
     def _known_models(self) -> frozenset[str]:
         runtime = self._runtime
@@ -197,6 +208,15 @@ class Gateway:
         relative = path[len(root_path) :] if root_path and path.startswith(root_path) else path
         admin = relative.startswith(ADMIN_PREFIX)
         if not admin and relative not in OWN_PATHS:
+            jobs = self._jobs_api
+            if jobs is not None:
+                if is_jobs_path(relative):
+                    await jobs(scope, receive, send, relative)
+                    return
+                asked = preferences(scope["headers"])
+                if asked is not None and asked.respond_async:
+                    await jobs.submit_preferred(scope, receive, send, asked)
+                    return
             await self._proxy(scope, receive, send)
             return
         context = context_of(scope)
@@ -239,6 +259,15 @@ class Gateway:
         if isinstance(self.limiter, RedisLimiter):
             self.health_sync = HealthSync(self.limiter, self.current_runtime)
             self.health_sync.start()
+        if config.jobs.enabled:
+            # A job's run is a request the gateway makes to itself, through the same relay and
+            # observers as any (gateway/jobs/execution.py).
+            relay = Lifecycle(self._proxy, observers=self._observers(config))
+            finished = None if self.metrics is None else self._job_finished
+            self.jobs = JobService(config, relay, self.current_runtime, on_finish=finished)
+            submitted = None if self.metrics is None else self.metrics.jobs_submitted.inc
+            self._jobs_api = JobsApi(self.jobs, self.runtime, self.body_budget, submitted)
+            self.jobs.start()
         self.config_loaded_at = time.time()
         if self._config_files:
             self.reloader = ConfigReloader(
@@ -255,6 +284,9 @@ class Gateway:
         if self.reloader is not None:
             await self.reloader.stop()
         # Before the pools and the Redis client they use are closed.
+        self._jobs_api = None
+        if self.jobs is not None:
+            await self.jobs.stop()
         await self.health_checks.stop()
         if self.health_sync is not None:
             await self.health_sync.stop()
@@ -270,7 +302,7 @@ class Gateway:
     async def apply(self, config: GatewayConfig) -> None:
         """Swap in a snapshot of ``config``; requests in flight finish on the old one."""
         previous = self.runtime()
-        for section in ("server", "redis"):
+        for section in ("server", "redis", "jobs"):
             if getattr(config, section) != getattr(previous.config, section):
                 logger.warning("the '%s' section changed; restart the gateway to apply it", section)
         tables = await asyncio.to_thread(build_tables, config, previous)
@@ -316,6 +348,8 @@ class Gateway:
             return await self._missing(request)
         metrics.limiter_state(self.limiter_stats)
         metrics.target_state(self.target_health.all())
+        if self.jobs is not None:
+            metrics.jobs_state(self.jobs.workers.running, await self.jobs.queued())
         if self.reloader is not None:
             metrics.reload_state(self.reloader.status)
         return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)

@@ -99,6 +99,7 @@ class KeyRing:
                 kept if kept is not None and kept.config == key else _principal(key, patterns)
             )
         self._by_hash: dict[str, Principal] = by_hash
+        self._by_name: dict[str, Principal] = {p.name: p for p in by_hash.values()}
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -106,6 +107,10 @@ class KeyRing:
     def knows(self, key: str) -> bool:
         """Whether ``key`` is one of the configured client keys."""
         return hashlib.sha256(key.encode("utf-8")).hexdigest() in self._by_hash
+
+    def named(self, name: str) -> Principal | None:
+        """The key called ``name``: a job runs as the key that submitted it, by name."""
+        return self._by_name.get(name)
 
     def authenticate(self, headers: RawHeaders) -> Principal:
         key = presented_key(headers)

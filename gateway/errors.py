@@ -98,6 +98,13 @@ def invalid_key() -> GatewayError:
     return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+def owner_gone() -> GatewayError:
+    """A job's run whose key was removed from the config since the job was submitted."""
+    return GatewayError(
+        401, "The API key that submitted this job no longer exists.", code="invalid_api_key"
+    )
+
+
 def route_not_allowed(route: str) -> GatewayError:
     return GatewayError(
         403,

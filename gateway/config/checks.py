@@ -115,7 +115,17 @@ def check_config(
         *_route_table(config, cite, skip),
         *_request_rules(config, skip),
         *_egress(config),
+        *_jobs(config),
     ]
+
+
+# The jobs API's paths (gateway/endpoints/jobs.py), served before any route when jobs are on.
+JOBS_PREFIX = "/v1/jobs"
+
+
+def _jobs(config: GatewayConfig) -> Iterator[Problem]:
+    if config.jobs.store == "redis" and config.redis.url is None:
+        yield "jobs.store", "'redis' needs redis.url (or 'auto' or 'memory')"
 
 
 def _egress(config: GatewayConfig) -> Iterator[Problem]:
@@ -366,6 +376,14 @@ def _route_table(config: GatewayConfig, cite: _Cite, skip: Unverified) -> Iterat
     for entry in served:
         if entry.path in RESERVED_PATHS or entry.path.startswith(RESERVED_PREFIX):
             yield format_path(entry.where), f"{entry.path!r} is reserved for the gateway itself"
+            continue
+        if config.jobs.enabled and (
+            entry.path == JOBS_PREFIX or entry.path.startswith(JOBS_PREFIX + "/")
+        ):
+            yield (
+                format_path(entry.where),
+                f"{entry.path!r} is the gateway's jobs API (set jobs.enabled: false to route it)",
+            )
             continue
         earlier = by_shape.setdefault(_shape(entry.path), [])
         for other in earlier:

@@ -16,6 +16,7 @@ that section and are importable from here too:
 - ``keys`` and ``limits``: ``gateway.config.keys`` (``ApiKey``, ``Limits``, ``LimitsSection``);
 - ``prices``, ``usage`` and a limit's ``budget``: ``gateway.config.spend`` (``PricesSection``,
   ``ModelPrice``, ``UsageSettings``, ``Budget``);
+- ``jobs``: ``gateway.config.jobs`` (``JobsSettings``, ``WebhookSettings``);
 - ``admin`` and ``metrics``: ``gateway.config.operations`` (``AdminSettings``, ``AdminKey``,
   ``MetricsSettings``);
 - ``server`` and ``redis``: ``gateway.config.settings`` (``ServerSettings``,
@@ -27,6 +28,7 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from gateway.config.fields import Model, Name
+from gateway.config.jobs import JobsSettings, WebhookSettings
 from gateway.config.keys import ApiKey, Limits, LimitsSection
 from gateway.config.operations import AdminKey, AdminSettings, MetricsSettings
 from gateway.config.request_rules import RequestRules
@@ -43,6 +45,7 @@ __all__ = [
     "Budget",
     "ConnectionSettings",
     "GatewayConfig",
+    "JobsSettings",
     "Limits",
     "LimitsSection",
     "MetricsSettings",
@@ -57,6 +60,7 @@ __all__ = [
     "Upstream",
     "UpstreamAuth",
     "UsageSettings",
+    "WebhookSettings",
 ]
 
 
@@ -109,3 +113,4 @@ class GatewayConfig(Model):
     usage: UsageSettings = Field(default_factory=lambda: UsageSettings())
     admin: AdminSettings = Field(default_factory=lambda: AdminSettings())
     metrics: MetricsSettings = Field(default_factory=lambda: MetricsSettings())
+    jobs: JobsSettings = Field(default_factory=lambda: JobsSettings())

@@ -242,6 +242,30 @@ class Metrics:
             "Config reloads refused (the previous config kept serving).",
             registry=registry,
         )
+        self.jobs_submitted = Counter(
+            "gateway_jobs_submitted",
+            "Jobs accepted (a resubmission with the same Idempotency-Key not counted).",
+            registry=registry,
+        )
+        self.jobs_finished = Counter(
+            "gateway_jobs_finished",
+            "Jobs that ended, by status (completed, failed, cancelled, expired), as stored by "
+            "this process's workers.",
+            ("status",),
+            registry=registry,
+        )
+        self.jobs_running = Gauge(
+            "gateway_jobs_running",
+            "Jobs running now (their upstream request under way or waiting for capacity).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.jobs_queued = Gauge(
+            "gateway_jobs_queued",
+            "Jobs waiting in the queue, as the store counts them (shared by replicas with Redis).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.config_generation.set(1)
         # The limiter's and reloader's counters as last seen, to add only what is new.
         self._seen_redis_errors = 0
@@ -345,6 +369,15 @@ class Metrics:
         if new > 0:
             self.reload_failures.inc(new)
             self._seen_reload_failures = status.failures
+
+    def job_finished(self, status: str) -> None:
+        self._child(self.jobs_finished, (status,)).inc()
+
+    def jobs_state(self, running: int, queued: int | None) -> None:
+        """The jobs running in this process, and the queue's depth (read at scrape time)."""
+        self.jobs_running.set(running)
+        if queued is not None:
+            self.jobs_queued.set(queued)
 
     # -- exposition -------------------------------------------------------------------------
 

@@ -20,9 +20,11 @@ import orjson
 from gateway import errors
 from gateway.accounting.accounts import KeyAccount
 from gateway.accounting.budgets import SpendDecision
+from gateway.auth import Principal
 from gateway.context import RequestContext
 from gateway.http import body as request_body
 from gateway.http import multipart
+from gateway.jobs.scope import JOB_OWNER
 from gateway.limits import Decision, Plan
 from gateway.limits.concurrency import ConcurrencyLimiter, Slot
 from gateway.limits.waiting import wait_for_slot
@@ -62,6 +64,21 @@ class Admitted:
     rewrite: Rewrite | None
 
 
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A request the rules allow, before its budgets and limits: what ``judge`` found out."""
+
+    match: Match
+    principal: Principal
+    resolved: Resolved
+    # The client's body as it came, and as it goes upstream (the model rules may change it).
+    received: Body
+    payload: Body
+    document: dict[str, Any] | None
+    rewrite: Rewrite | None
+    rename: Rename | None
+
+
 async def admit(
     runtime: Runtime,
     concurrency: ConcurrencyLimiter,
@@ -70,6 +87,21 @@ async def admit(
     context: RequestContext,
     held: Held,
 ) -> Admitted:
+    judged = await judge(runtime, scope, receive, context, held, concurrency)
+    return await _charge(runtime, scope, receive, context, held, judged)
+
+
+async def judge(
+    runtime: Runtime,
+    scope: Scope,
+    receive: Receive,
+    context: RequestContext,
+    held: Held,
+    concurrency: ConcurrencyLimiter | None,
+) -> Judged:
+    """Every rule but the budgets and limits: the path, the route, the key, the key's
+    concurrency slot (unless ``concurrency`` is None: a job's submission takes none, its run
+    does), the body, the request rules and the model rules. Raises the refusal."""
     headers: RawHeaders = scope["headers"]
     method: str = scope["method"]
     root_path: str = scope.get("root_path", "")
@@ -91,14 +123,14 @@ async def admit(
     route = match.endpoint.route
     context.route = route.name
 
-    principal = runtime.keys.authenticate(headers)
+    principal = _principal(runtime, scope, headers)
     context.key = principal.name
     context.team = principal.config.team
     if not principal.may_use_route(route.name):
         raise errors.route_not_allowed(route.name)
 
     caps = runtime.concurrency.get(principal.name)
-    if caps is not None:
+    if caps is not None and concurrency is not None:
         # Held until the response's last byte: an open stream keeps its slot.
         try:
             held.slot = concurrency.acquire(principal.name, caps)
@@ -109,6 +141,7 @@ async def admit(
     payload = await request_body.read_body(
         receive, headers, runtime.config.server.max_body_bytes, held.lease
     )
+    received = payload
     resolved = Resolved(runtime.upstreams[route.upstream], None, None)
     document: dict[str, Any] | None = None
     rewrite: Rewrite | None = None
@@ -153,11 +186,27 @@ async def admit(
         )
     elif route.models_list and method == "GET":
         rewrite = model_rules.model_list_rewrite(runtime, principal, resolved.upstream)
-    upstream = resolved.upstream
-    context.upstream = upstream.name
+    context.upstream = resolved.upstream.name
     context.model = resolved.model
     context.upstream_model = resolved.renamed
+    return Judged(match, principal, resolved, received, payload, document, rewrite, rename)
 
+
+async def _charge(
+    runtime: Runtime,
+    scope: Scope,
+    receive: Receive,
+    context: RequestContext,
+    held: Held,
+    judged: Judged,
+) -> Admitted:
+    """The budgets and the limits, then the outbound request."""
+    match, principal, resolved = judged.match, judged.principal, judged.resolved
+    document, payload = judged.document, judged.payload
+    route = match.endpoint.route
+    method: str = scope["method"]
+    headers: RawHeaders = scope["headers"]
+    upstream = resolved.upstream
     # Budgets and limits come last among the checks: a request refused for any other reason
     # costs its key nothing. The budget first, so that a budget refusal costs no rate limit.
     account = runtime.accounts.of(principal.name)
@@ -205,13 +254,13 @@ async def admit(
         request_id=context.request_id,
         body=payload,
         body_model=resolved.renamed or resolved.model,
-        rename=rename,
+        rename=judged.rename,
         timeouts=runtime.route_timeouts.get(route.name),
         steps=steps,
         fallback_on=alias.fallback_on if alias is not None else (),
         target_header=runtime.config.server.target_header,
     )
-    return Admitted(dispatch, settlement, rewrite)
+    return Admitted(dispatch, settlement, judged.rewrite)
 
 
 async def _reserve_budget(
@@ -297,6 +346,18 @@ def _endpoint_headers(match: Match, root_path: str) -> RawHeaders:
     if link is not None:
         extra.append(link)
     return extra
+
+
+def _principal(runtime: Runtime, scope: Scope, headers: RawHeaders) -> Principal:
+    """The caller's key: the one its headers present, or for a job's run the key that
+    submitted it (``jobs/execution.py``), which the job names instead of keeping the key."""
+    owner: str | None = scope.get(JOB_OWNER)
+    if owner is None:
+        return runtime.keys.authenticate(headers)
+    principal = runtime.keys.named(owner)
+    if principal is None:
+        raise errors.owner_gone()
+    return principal
 
 
 def _forwarded_for(context: RequestContext) -> str | None:

@@ -54,7 +54,9 @@ Respond = Callable[[OutboundRequest], Scripted]
 
 
 class StandInResponse:
-    def __init__(self, scripted: Scripted) -> None:
+    def __init__(self, scripted: Scripted, request: OutboundRequest | None = None) -> None:
+        # The request this answers, for tests that tell answers apart by what was asked.
+        self.request = request
         self.status = scripted.status
         self._scripted = scripted
         self._next = 0
@@ -113,7 +115,7 @@ class _Pool:
             await asyncio.sleep(scripted.head_delay)
         if scripted.fault is not None:
             raise scripted.fault
-        response = StandInResponse(scripted)
+        response = StandInResponse(scripted, request)
         self._upstream.responses.append(response)
         return response
 

@@ -1,0 +1,45 @@
+"""The jobs API's refusals, in OpenAI's error shape (``errors.GatewayError``)."""
+
+from __future__ import annotations
+
+from gateway.errors import GatewayError
+
+
+def job_not_found(job_id: str) -> GatewayError:
+    # The same answer for a job that never was and for another key's: ids reveal nothing.
+    shown = job_id if len(job_id) <= 64 and job_id.isascii() and job_id.isprintable() else "?"
+    return GatewayError(404, f"No job found with id '{shown}'.", code="job_not_found")
+
+
+def bad_submission(message: str, param: str | None) -> GatewayError:
+    return GatewayError(400, message, param=param, code="invalid_job")
+
+
+def webhooks_not_configured() -> GatewayError:
+    return GatewayError(
+        400,
+        "This gateway has no webhook signing secret configured, so it sends no webhooks; "
+        "submit the job without one and poll it.",
+        param="webhook",
+        code="webhooks_not_configured",
+    )
+
+
+def webhook_not_allowed(problem: str) -> GatewayError:
+    return GatewayError(
+        400, f"The webhook URL is not allowed: {problem}", param="webhook.url", code="webhook_url"
+    )
+
+
+def idempotency_key_reused() -> GatewayError:
+    # draft-ietf-httpapi-idempotency-key-header §2.7: a key reused for another request is 422.
+    return GatewayError(
+        422,
+        "This Idempotency-Key was already used for a different request.",
+        param="Idempotency-Key",
+        code="idempotency_key_reused",
+    )
+
+
+def bad_query(message: str, param: str) -> GatewayError:
+    return GatewayError(400, message, param=param, code="invalid_query")

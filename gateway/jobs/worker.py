@@ -1,0 +1,193 @@
+"""The workers of one gateway process: take jobs from the store, run them, store the outcome.
+
+Bounds (``jobs.concurrency``, ``jobs.per_key_concurrency``) are per process: at most
+``concurrency`` jobs run at once, at most ``per_key_concurrency`` of one key; the process holds
+at most twice ``concurrency`` jobs taken from the queue (the ones beyond wait here for their
+key's turn, their leases kept), so a burst of one key's jobs cannot take every slot from the
+others' for long, and a burst of jobs cannot take more upstream connections than the bound.
+
+While a job is held (waiting or running) its lease is renewed every third of ``jobs.lease`` (at
+most every half second), which is also how a cancel reaches it: ``renew`` returns the job as
+stored, and a ``cancel_requested`` there cancels the run, closing its upstream request. A run
+the limits refused waits the time they said and runs again, lease kept: a queued job waits for
+capacity instead of failing with 429.
+
+What a crash costs: a process that dies mid-run leaves its jobs' leases to lapse; another
+worker takes them again (at-least-once runs). ``finish`` stores the first outcome only, so a job
+whose answer was stored is never stored twice, and a job taken again after its outcome was
+stored is not run again (docs/jobs.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from gateway.config.jobs import JobsSettings
+from gateway.jobs.execution import JobRunner, Outcome
+from gateway.jobs.model import Job, Status
+from gateway.jobs.store import CANCELLED, Claim, JobStore
+
+logger = logging.getLogger("gateway.jobs")
+
+# How long one ``take`` blocks for a job before looking again whether to stop.
+_TAKE_BLOCK = 1.0
+# After the store failed (Redis down): wait before asking again, so a fault is not a busy loop.
+_STORE_PAUSE = 1.0
+
+
+def worker_name() -> str:
+    """This process's consumer name in the queue: host, pid and a random part, unique even when
+    a restarted container gets the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+class JobWorkers:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: JobRunner,
+        settings: JobsSettings,
+        *,
+        name: str | None = None,
+        clock: Callable[[], float] = time.time,
+        on_finish: Callable[[Job], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._settings = settings
+        self.name = name or worker_name()
+        self._clock = clock
+        self._on_finish = on_finish
+        self._held = asyncio.Semaphore(2 * settings.concurrency)
+        self._running = asyncio.Semaphore(settings.concurrency)
+        self._per_key: dict[str, asyncio.Semaphore] = {}
+        self._per_key_users: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._renew_every = min(settings.lease / 3, 0.5)
+        # Jobs running now in this process (the metrics' gauge).
+        self.running = 0
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.ensure_future(self._take_loop())
+
+    async def stop(self) -> None:
+        """Stop taking jobs and drop the ones held: with Redis their leases lapse and another
+        replica runs them; in process they are lost with the process (docs/jobs.md)."""
+        loop, self._loop = self._loop, None
+        tasks = list(self._tasks)
+        if loop is not None:
+            loop.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*(t for t in (loop, *tasks) if t is not None), return_exceptions=True)
+
+    async def _take_loop(self) -> None:
+        while True:
+            await self._held.acquire()
+            try:
+                claim = await self._store.take(self.name, _TAKE_BLOCK)
+            except asyncio.CancelledError:
+                self._held.release()
+                raise
+            except Exception:
+                self._held.release()
+                logger.exception("taking a job from the store failed")
+                await asyncio.sleep(_STORE_PAUSE)
+                continue
+            if claim is None:
+                self._held.release()
+                continue
+            task = asyncio.ensure_future(self._hold(claim))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _hold(self, claim: Claim) -> None:
+        owner = claim.job.owner
+        gate = self._per_key.get(owner)
+        if gate is None:
+            gate = self._per_key[owner] = asyncio.Semaphore(self._settings.per_key_concurrency)
+        self._per_key_users[owner] = self._per_key_users.get(owner, 0) + 1
+        work = asyncio.ensure_future(self._work(claim, gate))
+        watch = asyncio.ensure_future(self._watch(claim, work))
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the process stops: the job stays leased and is taken again
+            # The watch cancelled the work: the job was cancelled, or it was finished elsewhere
+            # (then ``finish`` changes nothing and only lets go of the queue entry).
+            outcome = Outcome(Status.CANCELLED, None, CANCELLED)
+        finally:
+            watch.cancel()
+            users = self._per_key_users[owner] - 1
+            if users:
+                self._per_key_users[owner] = users
+            else:
+                # No module-level growth: a key with nothing held has no gate left behind.
+                del self._per_key_users[owner], self._per_key[owner]
+            self._held.release()
+        await self._finish(claim, outcome)
+
+    async def _work(self, claim: Claim, gate: asyncio.Semaphore) -> Outcome:
+        async with gate, self._running:
+            self.running += 1
+            try:
+                while True:
+                    # The wait for a slot (or for capacity) may have been long: a job cancelled
+                    # meanwhile must not reach the upstream at all.
+                    if await self._called_off(claim):
+                        return Outcome(Status.CANCELLED, None, CANCELLED)
+                    outcome = await self._runner.run(claim.job)
+                    if outcome.wait is None:
+                        return outcome
+                    # The limits refused the run for now: wait for capacity, keep the lease.
+                    await asyncio.sleep(outcome.wait)
+            finally:
+                self.running -= 1
+
+    async def _called_off(self, claim: Claim) -> bool:
+        try:
+            job = await self._store.renew(claim)
+        except Exception:
+            return False  # the store is away: run it; at-least-once allows the rare rerun
+        return job is None or job.status.terminal or job.cancel_requested
+
+    async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
+        """Renew the lease until the work ends; cancel the work when the job was cancelled or
+        finished elsewhere."""
+        while not work.done():
+            await asyncio.sleep(self._renew_every)
+            try:
+                job = await self._store.renew(claim)
+            except Exception:
+                # Redis away for a moment: the lease may lapse and the job run twice, which
+                # at-least-once allows; the run goes on.
+                logger.warning("renewing the lease of job %s failed", claim.job.id)
+                continue
+            if job is None or job.status.terminal or job.cancel_requested:
+                work.cancel()
+                return
+
+    async def _finish(self, claim: Claim, outcome: Outcome) -> None:
+        for attempt in range(3):
+            try:
+                job = await self._store.finish(
+                    claim, outcome.status, outcome.result, outcome.error, self._clock()
+                )
+            except Exception:
+                # Not stored: after a short wait try again; in the end the lease lapses and
+                # another worker runs the job again (at-least-once).
+                logger.exception("storing the outcome of job %s failed", claim.job.id)
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if self._on_finish is not None:
+                self._on_finish(job)
+            return
