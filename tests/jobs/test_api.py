@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from gateway.auth import hash_key
+from gateway.config.loader import parse_config_text
 from tests.support.jobs import job_when_done
 from tests.support.standin import (
     Scripted,
@@ -559,3 +560,45 @@ async def test_metrics_count_jobs_submitted_finished_and_queued() -> None:
     assert 'gateway_jobs_finished_total{status="completed"} 3.0' in text
     assert "gateway_jobs_running 0.0" in text
     assert "gateway_jobs_queued 0.0" in text
+
+
+async def test_the_webhook_header_on_the_prefer_path_is_checked_like_the_body_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GATEWAY_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    async with in_process_gateway(hooked_config(9), upstream) as app:
+        hook = ("x-gateway-webhook-url", "http://169.254.169.254/")
+        refused = await submit(app, HOOKED, CHAT.replace(b"fast", b"gpt-x"), hook)
+        allowed = await submit(
+            app,
+            HOOKED,
+            CHAT.replace(b"fast", b"gpt-x"),
+            ("x-gateway-webhook-url", "http://127.0.0.1:9/h"),
+        )
+    assert refused.status == 400
+    assert refused.json()["error"]["code"] == "webhook_url"
+    assert allowed.status == 202
+    assert allowed.json()["webhook"]["url"] == "http://127.0.0.1:9/h"
+
+
+async def test_a_job_whose_key_was_removed_before_it_ran_fails_as_unauthorised() -> None:
+    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    async with in_process_gateway(config("{concurrency: 1}"), upstream) as app:
+        upstream.respond = lambda request: Scripted(head_delay=0.3)
+        blocker = (await submit(app, TEAMMATE, CHAT.replace(b"fast", b"gpt-x"))).json()
+        waiting = (await submit(app)).json()
+        third = (await submit(app)).json()
+        without_owner = parse_config_text(
+            config("{concurrency: 1}").replace("name: owner", "name: gone")
+        )
+        await app.apply(without_owner)
+        await job_when_done(app, blocker["id"], auth(TEAMMATE))
+        assert app.jobs is not None
+        stored = [await app.jobs.store.get(job["id"]) for job in (waiting, third)]
+    assert [job.status.value for job in stored if job is not None] == ["failed", "failed"]
+    assert all(job is not None and job.error is not None for job in stored)
+    assert {job.error.code for job in stored if job is not None and job.error} == {
+        "invalid_api_key"
+    }
+    assert len(upstream.requests) == 1
