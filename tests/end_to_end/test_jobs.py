@@ -10,14 +10,17 @@ answer.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
@@ -26,11 +29,13 @@ from tests.support.gatewayproc import GatewayProcess
 from tests.support.jobs import job_when_done_over_http
 from tests.support.redisserver import RedisServer
 from tests.support.tcprelay import StallableRelay
+from tests.support.webhookreceiver import WebhookReceiver
 
 AUTH = {"authorization": f"Bearer {DEMO_KEY}"}
 ASYNC = {**AUTH, "prefer": "respond-async"}
 ENV = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 LEASE = 1.0
+WEBHOOK_SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtam9icy1lbmQtdG8tZW5kLXRlc3Q="
 
 
 @pytest.fixture
@@ -43,12 +48,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def replica(upstream: FakeUpstream, redis_url: str) -> GatewayProcess:
+def replica(
+    upstream: FakeUpstream, redis_url: str, *, hook_port: int | None = None
+) -> GatewayProcess:
+    """One gateway replica; with ``hook_port`` the demo key may send webhooks to that port on
+    127.0.0.1 (an internal address: allowed only when named)."""
     extra = f"""
 redis: {{url: "{redis_url}"}}
-jobs: {{lease: {LEASE}, concurrency: 2}}
+jobs: {{lease: {LEASE}, concurrency: 2, webhooks: {{schedule: [0, 0.5, 0.5]}}}}
 """
-    return GatewayProcess(gateway_config(upstream.base_url, extra=extra), env=ENV)
+    config = gateway_config(upstream.base_url, extra=extra)
+    if hook_port is not None:
+        config = config.replace(
+            "  - name: demo\n", f'  - name: demo\n    webhook_hosts: ["127.0.0.1:{hook_port}"]\n', 1
+        )
+    return GatewayProcess(config, env={**ENV, "GATEWAY_WEBHOOK_SECRET": WEBHOOK_SECRET})
 
 
 def chat(marker: str, **controls: str) -> tuple[dict[str, str], dict[str, object]]:
@@ -106,12 +120,41 @@ def test_a_killed_replicas_job_is_finished_by_another_after_the_lease(
     assert len(calls(upstream, marker)) == 2
 
 
-def test_a_replica_killed_after_the_answer_and_before_storing_it_loses_nothing(
+async def test_a_replica_killed_after_the_answer_and_before_storing_it_loses_nothing(
     upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
+    async with WebhookReceiver([WEBHOOK_SECRET]) as receiver:
+        # The gateways are driven from a thread; the receiver answers in this loop meanwhile.
+        job_id, view, again, result = await asyncio.to_thread(
+            killed_before_storing, upstream, redis_server, receiver.url()
+        )
+        (delivery,) = await receiver.wait_for(1)
+        await asyncio.sleep(1.0)  # room for a wrong second delivery to show
+    assert view["status"] == "completed"
+    # Stored once: nothing but its webhook's delivery changed it after.
+    assert {**again, "webhook": None} == {**view, "webhook": None}
+    assert again["webhook"]["state"] == "delivered"
+    assert result.status_code == 200
+    assert result.json()["object"] == "chat.completion"
+    # The job ended once, so its webhook was sent once, signed, with that one answer.
+    assert len(receiver.received) == 1
+    assert delivery.verified_with == (WEBHOOK_SECRET,)
+    event = orjson.loads(delivery.body)
+    assert event["type"] == "job.completed"
+    assert event["data"]["id"] == job_id
+    assert event["data"]["response"]["body"] == result.text
+
+
+def killed_before_storing(
+    upstream: FakeUpstream, redis_server: RedisServer, webhook: str
+) -> tuple[str, dict[str, Any], dict[str, Any], httpx.Response]:
     marker = uuid.uuid4().hex
-    headers, body = chat(marker, **{"x-fake-delay-ms": "300"})
-    with StallableRelay(redis_server.port) as relay, replica(upstream, relay.url) as a:
+    headers, body = chat(marker, **{"x-fake-delay-ms": "300", "x-gateway-webhook-url": webhook})
+    port = int(webhook.split(":")[2].split("/")[0])
+    with (
+        StallableRelay(redis_server.port) as relay,
+        replica(upstream, relay.url, hook_port=port) as a,
+    ):
         submitted = httpx.post(f"{a.url}/v1/chat/completions", headers=headers, json=body)
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
@@ -127,17 +170,14 @@ def test_a_replica_killed_after_the_answer_and_before_storing_it_loses_nothing(
         time.sleep(0.1)
         a.signal(signal.SIGKILL)
         a.wait(5)
-    with replica(upstream, redis_server.url) as b:
+    with replica(upstream, redis_server.url, hook_port=port) as b:
         view = job_when_done_over_http(b.url, job_id, AUTH)
         time.sleep(LEASE * 1.5)  # time enough for any second claim to show
         again = httpx.get(f"{b.url}/v1/jobs/{job_id}", headers=AUTH).json()
         result = httpx.get(f"{b.url}/v1/jobs/{job_id}/result", headers=AUTH)
-    assert view["status"] == "completed"
-    assert again == view  # stored once: nothing changed it after
     # At-least-once: the answer A got was lost with A, so B asked again, once.
     assert len(calls(upstream, marker)) == 2
-    assert result.status_code == 200
-    assert result.json()["object"] == "chat.completion"
+    return job_id, view, again, result
 
 
 def test_a_running_job_cancelled_through_another_replica_closes_its_upstream_request(
