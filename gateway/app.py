@@ -36,7 +36,7 @@ from gateway.http.body import BodyBudget
 from gateway.http.forwarded import ForwardedMiddleware, ForwardedStats, TrustedProxies
 from gateway.http.prefer import preferences
 from gateway.jobs.model import Job
-from gateway.jobs.service import JobService
+from gateway.jobs.service import JobService, uses_redis
 from gateway.limits import Limiter, LimiterStats, RedisLimiter, build_limiter
 from gateway.limits.concurrency import ConcurrencyLimiter
 from gateway.observability.access_log import AccessLog, BufferedLines
@@ -259,7 +259,14 @@ class Gateway:
         if isinstance(self.limiter, RedisLimiter):
             self.health_sync = HealthSync(self.limiter, self.current_runtime)
             self.health_sync.start()
-        if config.jobs.enabled:
+        if config.jobs.enabled and self.workers.shared and not uses_redis(config):
+            # Each worker would hold its own queue: a job polled through another worker would
+            # be a 404. Jobs need Redis to be shared by workers (as by replicas).
+            logger.warning(
+                "jobs are off: with several workers they need Redis (set redis.url), since an "
+                "in-process queue is seen by one worker only"
+            )
+        elif config.jobs.enabled:
             # A job's run is a request the gateway makes to itself, through the same relay and
             # observers as any (gateway/jobs/execution.py).
             relay = Lifecycle(self._proxy, observers=self._observers(config))

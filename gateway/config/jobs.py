@@ -127,4 +127,17 @@ class JobsSettings(Model):
         description="Most seconds 'Prefer: respond-async, wait=N' may wait for a job's answer "
         "before the 202. Default 60.",
     )
+    shutdown_grace: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="Seconds running jobs get to finish when the gateway stops, before they "
+        "are cut (with Redis another replica then runs them again). Default 10.",
+    )
+    max_queued_per_key: int = Field(
+        1000,
+        ge=1,
+        description="Jobs of one key not finished yet (queued or running), across replicas "
+        "with Redis; one more is refused with 429 too_many_jobs. Default 1000.",
+    )
     webhooks: WebhookSettings = Field(default_factory=lambda: WebhookSettings())

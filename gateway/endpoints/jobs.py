@@ -89,10 +89,17 @@ class JobsApi:
         except errors.GatewayError as refusal:
             await refusal.send(send)
             return
-        await self._submit(scope, receive, send, asked, preferences.wait)
+        await self._submit(scope, receive, send, asked, preferences.wait, preferred=True)
 
     async def _submit(
-        self, scope: Scope, receive: Receive, send: Send, asked: Asked, wait: float | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        asked: Asked,
+        wait: float | None,
+        *,
+        preferred: bool,
     ) -> None:
         runtime = self._runtime()
         context: RequestContext = scope[SCOPE_KEY]
@@ -119,16 +126,11 @@ class JobsApi:
             await _send_result(send, job)
             return
         location = f"{scope.get('root_path', '')}{PREFIX}/{job.id}".encode("latin-1")
-        await _send_json(
-            send,
-            202,
-            job_view(job),
-            [
-                (b"location", location),
-                (PREFERENCE_APPLIED, b"respond-async"),
-                *self._retry_after(job),
-            ],
-        )
+        headers: RawHeaders = [(b"location", location), *self._retry_after(job)]
+        if preferred:
+            # RFC 7240 §3: names a preference the request stated; POST /v1/jobs stated none.
+            headers.append((PREFERENCE_APPLIED, b"respond-async"))
+        await _send_json(send, 202, job_view(job), headers)
 
     async def _submit_envelope(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/jobs``: the job's request described in the body."""
@@ -177,7 +179,7 @@ class JobsApi:
                 return {"type": "http.request", "body": payload, "more_body": False}
             return await receive()
 
-        await self._submit(inner_scope, inner_receive, send, asked, None)
+        await self._submit(inner_scope, inner_receive, send, asked, None, preferred=False)
 
     # -- the rest of the API ------------------------------------------------------------------
 
@@ -272,7 +274,12 @@ class JobsApi:
         limit_text = _one(query, "limit")
         limit = _DEFAULT_LIMIT
         if limit_text is not None:
-            if not limit_text.isdigit() or not 1 <= int(limit_text) <= _MAX_LIMIT:
+            if (
+                not limit_text.isascii()
+                or not limit_text.isdigit()
+                or not 1 <= int(limit_text[:4]) <= _MAX_LIMIT
+                or len(limit_text) > 4
+            ):
                 raise refusals.bad_query(
                     f"'limit' must be a whole number from 1 to {_MAX_LIMIT}.", "limit"
                 )
@@ -330,7 +337,13 @@ def _envelope(envelope: object, headers: RawHeaders) -> tuple[tuple[str, str, An
             unknown[0][:64],
         )
     method = envelope.get("method", "POST")
-    if not isinstance(method, str) or not method.isalpha() or not method.isupper():
+    if (
+        not isinstance(method, str)
+        or not method.isascii()
+        or not method.isalpha()
+        or not method.isupper()
+        or len(method) > 16
+    ):
         raise refusals.bad_submission("'method' must be an HTTP method such as POST.", "method")
     path = envelope.get("path")
     if not isinstance(path, str) or not path.startswith("/") or len(path) > 2048:

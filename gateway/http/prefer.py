@@ -50,6 +50,7 @@ def prefers_async(headers: RawHeaders) -> bool:
 
 def _seconds(text: str) -> float | None:
     # delta-seconds (RFC 9110 §1.2.1 via RFC 7240 §4.3): digits only.
-    if not text.isdigit() or len(text) > 9:
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
         return None
     return float(int(text))

@@ -30,8 +30,6 @@ from gateway.upstream.retry_after import retry_after_seconds
 # Refusals a run waits out instead of failing: the key's buckets and concurrency are short for
 # now, or the limits store cannot be asked for now.
 _WAIT_REASONS = frozenset({"requests", "tokens", "concurrency", "unavailable"})
-# When a wait-out refusal says nothing of when to come back.
-_DEFAULT_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +38,7 @@ class Outcome:
     result: JobResult | None
     error: JobError | None
     # Set when the limits refused the run for now: seconds to wait before running it again.
+    # The status, answer and error are then the refusal's, for a job that may wait no longer.
     wait: float | None = None
 
 
@@ -107,8 +106,11 @@ class JobRunner:
             and context.limit == "refused"
             and context.limit_reason in _WAIT_REASONS
         ):
-            wait = retry_after_seconds(result.headers) or _DEFAULT_WAIT
-            return Outcome(Status.QUEUED, None, None, wait=wait)
+            # A refusal that names no time to come back can never pass (a request larger than
+            # its bucket): that one fails the job like any error answer.
+            wait = retry_after_seconds(result.headers)
+            if wait is not None:
+                return Outcome(Status.FAILED, result, _error_of(result), wait=wait)
         if not complete:
             return Outcome(
                 Status.FAILED,

@@ -326,7 +326,9 @@ class WebhookHosts:
             return f"the webhook URL is longer than {MAX_URL_LENGTH} characters"
         try:
             parsed = URL(url)
-        except (ValueError, TypeError):
+        except Exception:
+            # yarl raises more than ValueError on some malformed input ('https://[]@' is an
+            # IndexError): whatever it is, the URL is refused, never a 500.
             return "the webhook URL is not a valid URL"
         scheme = parsed.scheme
         if scheme not in _DEFAULT_PORTS:

@@ -125,7 +125,7 @@ class JobService:
             self.deliveries.start()
 
     async def stop(self) -> None:
-        await self.workers.stop()
+        await self.workers.stop(self.settings.shutdown_grace)
         if self.deliveries is not None:
             await self.deliveries.stop()
         await self.store.aclose()

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from enum import Enum
 
 from gateway.config.jobs import JobsSettings
 from gateway.jobs.execution import JobRunner, Outcome
@@ -38,6 +39,20 @@ logger = logging.getLogger("gateway.jobs")
 _TAKE_BLOCK = 1.0
 # After the store failed (Redis down): wait before asking again, so a fault is not a busy loop.
 _STORE_PAUSE = 1.0
+
+
+class _Verdict(Enum):
+    ENDED = "ended"  # cancelled, or finished (or gone) elsewhere
+    LOST = "lost"  # the lease lapsed and another worker took the job
+
+
+def _verdict(claim: Claim, job: Job | None) -> _Verdict | None:
+    """Whether a held job must stop, from what ``renew`` says of it now."""
+    if job is None or job.status.terminal or job.cancel_requested:
+        return _Verdict.ENDED
+    if job.attempts != claim.job.attempts:
+        return _Verdict.LOST
+    return None
 
 
 def worker_name() -> str:
@@ -69,6 +84,7 @@ class JobWorkers:
         self._per_key_users: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._stopping = False
         self._renew_every = min(settings.lease / 3, 0.5)
         # Jobs running now in this process (the metrics' gauge).
         self.running = 0
@@ -77,16 +93,21 @@ class JobWorkers:
         if self._loop is None:
             self._loop = asyncio.ensure_future(self._take_loop())
 
-    async def stop(self) -> None:
-        """Stop taking jobs and drop the ones held: with Redis their leases lapse and another
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop taking jobs; give the running ones ``grace`` seconds to finish, then cut them.
+        Jobs held but not started stay as they are: with Redis their leases lapse and another
         replica runs them; in process they are lost with the process (docs/jobs.md)."""
         loop, self._loop = self._loop, None
-        tasks = list(self._tasks)
+        self._stopping = True
         if loop is not None:
             loop.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
+        if self._tasks and grace > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace)
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*(t for t in (loop, *tasks) if t is not None), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _take_loop(self) -> None:
         while True:
@@ -118,12 +139,17 @@ class JobWorkers:
         watch = asyncio.ensure_future(self._watch(claim, work))
         try:
             outcome = await work
+            if outcome is None:
+                return  # another worker runs it now: its outcome is the one to store
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # the process stops: the job stays leased and is taken again
-            # The watch cancelled the work: the job was cancelled, or it was finished elsewhere
-            # (then ``finish`` changes nothing and only lets go of the queue entry).
+            verdict = watch.result() if watch.done() and not watch.cancelled() else None
+            if verdict is _Verdict.LOST:
+                return  # another worker runs it now: its outcome is the one to store
+            # The job was cancelled, or finished elsewhere (then ``finish`` changes nothing and
+            # only lets go of the queue entry).
             outcome = Outcome(Status.CANCELLED, None, CANCELLED)
         finally:
             watch.cancel()
@@ -136,33 +162,42 @@ class JobWorkers:
             self._held.release()
         await self._finish(claim, outcome)
 
-    async def _work(self, claim: Claim, gate: asyncio.Semaphore) -> Outcome:
+    async def _work(self, claim: Claim, gate: asyncio.Semaphore) -> Outcome | None:
+        """The run's outcome; None when another worker took the job meanwhile, or the process
+        stops before it started."""
         async with gate, self._running:
             self.running += 1
             try:
                 while True:
                     # The wait for a slot (or for capacity) may have been long: a job cancelled
                     # meanwhile must not reach the upstream at all.
-                    if await self._called_off(claim):
+                    verdict = await self._called_off(claim)
+                    if verdict is _Verdict.LOST or self._stopping:
+                        return None  # not started: left as it is (see ``stop``)
+                    if verdict is _Verdict.ENDED:
                         return Outcome(Status.CANCELLED, None, CANCELLED)
                     outcome = await self._runner.run(claim.job)
                     if outcome.wait is None:
+                        return outcome
+                    if self._clock() + outcome.wait > claim.job.expires_at:
+                        # Waited for capacity as long as a job may wait (jobs.queue_timeout):
+                        # it ends with the limits' refusal as its answer.
                         return outcome
                     # The limits refused the run for now: wait for capacity, keep the lease.
                     await asyncio.sleep(outcome.wait)
             finally:
                 self.running -= 1
 
-    async def _called_off(self, claim: Claim) -> bool:
+    async def _called_off(self, claim: Claim) -> _Verdict | None:
         try:
             job = await self._store.renew(claim)
         except Exception:
-            return False  # the store is away: run it; at-least-once allows the rare rerun
-        return job is None or job.status.terminal or job.cancel_requested
+            return None  # the store is away: run it; at-least-once allows the rare rerun
+        return _verdict(claim, job)
 
-    async def _watch(self, claim: Claim, work: asyncio.Task[Outcome]) -> None:
-        """Renew the lease until the work ends; cancel the work when the job was cancelled or
-        finished elsewhere."""
+    async def _watch(self, claim: Claim, work: asyncio.Task[Outcome | None]) -> _Verdict | None:
+        """Renew the lease until the work ends; cancel the work when the job was cancelled,
+        finished elsewhere, or taken by another worker (this one's lease lapsed: a stall)."""
         while not work.done():
             await asyncio.sleep(self._renew_every)
             try:
@@ -172,15 +207,18 @@ class JobWorkers:
                 # at-least-once allows; the run goes on.
                 logger.warning("renewing the lease of job %s failed", claim.job.id)
                 continue
-            if job is None or job.status.terminal or job.cancel_requested:
+            verdict = _verdict(claim, job)
+            if verdict is not None:
                 work.cancel()
-                return
+                return verdict
+        return None
 
     async def _finish(self, claim: Claim, outcome: Outcome) -> None:
+        now = self._clock()
         for attempt in range(3):
             try:
                 job = await self._store.finish(
-                    claim, outcome.status, outcome.result, outcome.error, self._clock()
+                    claim, outcome.status, outcome.result, outcome.error, now
                 )
             except Exception:
                 # Not stored: after a short wait try again; in the end the lease lapses and
@@ -188,6 +226,8 @@ class JobWorkers:
                 logger.exception("storing the outcome of job %s failed", claim.job.id)
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue
-            if self._on_finish is not None:
+            # Counted once: only the finish that stored this outcome (a job finished elsewhere
+            # keeps its own end time).
+            if self._on_finish is not None and job.finished_at == now:
                 self._on_finish(job)
             return

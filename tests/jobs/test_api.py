@@ -5,6 +5,8 @@ store, with a stand-in upstream; the Redis store across replicas is tests/end_to
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from typing import Any
 
 import orjson
@@ -347,15 +349,101 @@ async def test_list_is_newest_first_a_page_at_a_time_with_a_status_filter() -> N
 
 
 async def test_a_queued_job_waits_for_limit_capacity_instead_of_failing() -> None:
-    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    arrivals: list[float] = []
+
+    def respond(request: Any) -> Scripted:
+        arrivals.append(time.monotonic())
+        return json_answer(ANSWER)
+
+    upstream = StandInUpstream(respond)
     async with in_process_gateway(config(), upstream) as app:
         # 600 a minute, a burst of 1: one request every 100 ms for this key.
         body = CHAT.replace(b"fast", b"gpt-x")
         ids = [(await submit(app, SLOW, body)).json()["id"] for _ in range(4)]
+        await asyncio.sleep(0.02)
+        # The limit is real: a synchronous request meanwhile gets the 429 at once.
+        sync = await call(app, "POST", "/v1/chat/completions", headers=auth(SLOW), body=body)
         views = [await job_when_done(app, job_id, auth(SLOW)) for job_id in ids]
-        # The synchronous twin is refused meanwhile: the limit is real.
+    assert sync.status == 429
     assert [v["status"] for v in views] == ["completed"] * 4
     assert len(upstream.requests) == 4
+    # They waited for their turns: about 100 ms apart at the upstream, none refused.
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(gap >= 0.08 for gap in gaps), gaps
+
+
+async def test_a_job_no_wait_can_admit_fails_with_the_limits_answer_and_blocks_nobody() -> None:
+    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    tiny = f"""
+  - name: tiny
+    hash: "{hash_key("sk-gw-jobs-tiny")}"
+    limits: {{tokens_per_minute: 100}}
+"""
+    async with in_process_gateway(config("{concurrency: 1}", tiny), upstream) as app:
+        huge = orjson.dumps({"model": "gpt-x", "messages": [{"role": "user"}], "max_tokens": 5000})
+        job = (await submit(app, "sk-gw-jobs-tiny", huge)).json()
+        other = (await submit(app, TEAMMATE, CHAT.replace(b"fast", b"gpt-x"))).json()
+        view = await job_when_done(app, job["id"], auth("sk-gw-jobs-tiny"), timeout=3)
+        done = await job_when_done(app, other["id"], auth(TEAMMATE), timeout=3)
+    assert view["status"] == "failed"
+    assert view["response"]["status_code"] == 429
+    assert "Request too large" in view["error"]["message"]
+    assert done["status"] == "completed"
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status"),
+    [
+        ("POST", "/v1/chat/completions", [ASYNC, ("prefer", "wait=\u00b2")], CHAT, 202),
+        ("GET", "/v1/jobs?limit=%C2%B2", [], b"", 400),
+        ("GET", "/v1/jobs?limit=99999999999999999999", [], b"", 400),
+        (
+            "POST",
+            "/v1/chat/completions",
+            [ASYNC, ("x-gateway-webhook-url", "https://[]@")],
+            CHAT,
+            400,
+        ),
+        ("POST", "/v1/jobs", [], b'{"path": "/v1/chat/completions", "method": "\\u00c0B"}', 400),
+        (
+            "POST",
+            "/v1/jobs",
+            [],
+            b'{"path": "/v1/chat/completions", "webhook": {"url": "https://[]@"}}',
+            400,
+        ),
+        ("POST", "/v1/jobs", [], b"[1, 2", 400),
+        ("GET", "/v1/jobs/" + "x" * 200, [], b"", 404),
+        ("PUT", "/v1/jobs/job_x", [], b"", 405),
+        ("GET", "/v1/jobs/job_x/other", [], b"", 404),
+    ],
+)
+async def test_bad_input_to_the_jobs_api_gets_a_4xx_never_a_500(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    status: int,
+) -> None:
+    monkeypatch.setenv("GATEWAY_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    async with in_process_gateway(config(), upstream) as app:
+        answer = await call(app, method, path, headers=[*auth(), *headers], body=body)
+    assert answer.status == status, answer.body
+    if status >= 400:
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_post_v1_jobs_applies_no_preference_it_was_not_asked_for() -> None:
+    upstream = StandInUpstream(lambda request: json_answer(ANSWER))
+    envelope = {"path": "/v1/chat/completions", "body": orjson.loads(CHAT)}
+    async with in_process_gateway(config(), upstream) as app:
+        answer = await call(app, "POST", "/v1/jobs", headers=auth(), body=orjson.dumps(envelope))
+    assert answer.status == 202
+    assert "preference-applied" not in answer.headers
+    assert answer.headers["location"].startswith("/v1/jobs/job_")
 
 
 async def test_prefer_wait_answers_with_the_answer_when_the_job_ends_in_time() -> None:
