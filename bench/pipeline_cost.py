@@ -60,16 +60,20 @@ keys:
 """
 
 
-async def measure(variant: str) -> float:
+def stand_in(variant: str) -> StandInUpstream:
+    """The upstream of ``variant``: every target answers, but one_dead's ``c`` refuses."""
     answer = json_answer(ANSWER)
     if variant == "one_dead":
         from gateway.upstream.seam import UpstreamConnectError
         from tests.support.standin import Scripted
 
         refused = Scripted(fault=UpstreamConnectError("refused"))
-        upstream = StandInUpstream(lambda r: refused if "//c." in r.url else answer)
-    else:
-        upstream = StandInUpstream(lambda r: answer)
+        return StandInUpstream(lambda r: refused if "//c." in r.url else answer)
+    return StandInUpstream(lambda r: answer)
+
+
+async def measure(variant: str) -> float:
+    upstream = stand_in(variant)
     best = float("inf")
     async with in_process_gateway(config(UPSTREAMS[variant]), upstream) as gateway:
         for _ in range(200):  # warm-up (and, one_dead: the dead target is ejected)

@@ -148,7 +148,6 @@ async def first_answer(
                 raise failure
             assert answer is not None
             return answer
-    jitter = (rng or random).random
     last: Unanswered | None = None
     kept: Answer | None = None
     current: Answer | None = None
@@ -158,12 +157,14 @@ async def first_answer(
             group = step.group
             policy = group.retry
             later = index + 1 < len(steps)
-            deadline = clock() + policy.budget
+            now = clock()
+            deadline = now + policy.budget
             tried: list[UpstreamTarget] = []
             while len(tried) < group.attempts:
-                now = clock()
-                if tried and now >= deadline:
-                    break  # the budget is spent: no new attempt, whatever target is left
+                if tried:
+                    now = clock()
+                    if now >= deadline:
+                        break  # the budget is spent: no new attempt, whatever target is left
                 target = group.choose(now, tried)
                 if target is None:
                     back = group.next_return(now)
@@ -173,6 +174,7 @@ async def first_answer(
                     # never delays a request, and a chain moves on rather than wait.
                     if back is not None and back <= deadline and group.attempts > 1 and not later:
                         await sleep(back - now)
+                        now = clock()
                         continue
                     if later or context.attempts:
                         break  # this step cannot serve: the next one, or what was kept
@@ -181,7 +183,7 @@ async def first_answer(
                     target = group.last_resort(now)
                 elif target in tried:
                     wait = policy.backoff_base * 2 ** (len(tried) - 1)
-                    wait = min(policy.backoff_max, wait) * jitter()
+                    wait = min(policy.backoff_max, wait) * (rng or random).random()
                     if now + wait >= deadline:
                         break
                     await sleep(wait)

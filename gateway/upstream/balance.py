@@ -7,7 +7,9 @@ policy only chooses. Their state (the round-robin position) belongs to one confi
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Protocol
 
 from gateway.upstream.targets import UpstreamTarget
@@ -24,10 +26,24 @@ class WeightedRandom:
     def __init__(self, rng: random.Random | None = None) -> None:
         # Spreading load, not secrecy: a predictable generator is fine here.
         self._random = (rng or random.Random()).random  # noqa: S311
+        # The last tuple of candidates, its weights' total and running totals but the last: the
+        # group hands over its own tuple while every target is available, so this is summed
+        # once per snapshot rather than per request.
+        self._summed: tuple[UpstreamTarget, ...] = ()
+        self._total = 0.0
+        self._bounds: list[float] = []
 
     def pick(self, candidates: Sequence[UpstreamTarget]) -> UpstreamTarget:
+        if candidates is self._summed:
+            # The first candidate whose running total exceeds the point (the loop below); a
+            # point past every bound is the last one's.
+            return self._summed[bisect_right(self._bounds, self._random() * self._total)]
         if len(candidates) == 1:
             return candidates[0]
+        if isinstance(candidates, tuple):  # immutable: safe to remember
+            running = list(accumulate(t.weight for t in candidates))
+            self._summed, self._total, self._bounds = candidates, running[-1], running[:-1]
+            return self.pick(candidates)
         total = 0.0
         for target in candidates:
             total += target.weight

@@ -9,15 +9,33 @@ target's settings did not change (``runtime.build_runtime``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config.model import Upstream
 from gateway.config.resilience import RetryPolicy
 from gateway.upstream.balance import Balancer
+from gateway.upstream.health import Board
 from gateway.upstream.targets import UpstreamTarget
 
 # At most this many attempts by default, however many targets there are (Portkey's cap).
 DEFAULT_MAX_ATTEMPTS = 5
+
+
+@dataclass(slots=True, eq=False)
+class _AllAvailable:
+    """When the group last saw every target plainly available: its board's count then."""
+
+    board: Board
+    # False when the targets' healths are not on one board: ``seen`` is then never set.
+    shared: bool
+    seen: int = -1
+
+
+def _all_available(targets: Sequence[UpstreamTarget]) -> _AllAvailable:
+    boards = {id(t.health.board): t.health.board for t in targets}
+    if len(boards) == 1:
+        return _AllAvailable(next(iter(boards.values())), shared=True)
+    return _AllAvailable(Board(), shared=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +50,13 @@ class UpstreamGroup:
     secrets: tuple[bytes, ...]
     # The TLS files as they were when the pools were made (``tls.tls_files_stamp``).
     tls_stamp: tuple[tuple[str, int, int], ...] = ()
+    # ``config.retry``, read by every request: an attribute, not a property.
+    retry: RetryPolicy = field(init=False, compare=False)
+    _available: _AllAvailable = field(init=False, repr=False, compare=False)
 
-    @property
-    def retry(self) -> RetryPolicy:
-        return self.config.retry
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retry", self.config.retry)
+        object.__setattr__(self, "_available", _all_available(self.targets))
 
     @property
     def first(self) -> UpstreamTarget:
@@ -44,13 +65,27 @@ class UpstreamGroup:
     def choose(self, now: float, tried: Sequence[UpstreamTarget]) -> UpstreamTarget | None:
         """A usable target, one this request has not tried when there is one; None when every
         target is out (ejected, rested or down)."""
-        targets = self.targets
-        if len(targets) == 1:
-            only = targets[0]
-            return only if only.health.usable(now) else None
-        usable = [t for t in targets if t.health.usable(now)]
-        if not usable:
-            return None
+        available = self._available
+        if available.seen == available.board.changes:
+            # Nothing changed since every target was seen plainly available: they all still
+            # are (time only ends rests), and the balancer is handed the same tuple each time.
+            usable: Sequence[UpstreamTarget] = self.targets
+        else:
+            targets = self.targets
+            if len(targets) == 1:
+                only = targets[0]
+                return only if only.health.usable(now) else None
+            usable = [t for t in targets if t.health.usable(now)]
+            if not usable:
+                return None
+            if (
+                len(usable) == len(targets)
+                and available.shared
+                and all(t.health.plainly_available(now) for t in targets)
+            ):
+                # None ejected, down or resting: remembered until the board's count moves.
+                available.seen = available.board.changes
+                usable = targets
         if not tried:  # a request's first attempt: every usable target is fresh
             return self.balancer.pick(usable)
         fresh = [t for t in usable if t not in tried]

@@ -34,6 +34,19 @@ MAX_REST_SECONDS = 300.0
 
 
 @dataclass(slots=True, eq=False)
+class Board:
+    """Counts the changes of its targets' availability: ejected or back in, marked down or up,
+    rested. A group that saw every one of its targets plainly available (none ejected, down or
+    rested) at one count knows they still are while the count stands, without asking each
+    (``group.UpstreamGroup.choose``): the common request then skips a filter over them.
+
+    One per registry, shared by all its upstreams: a change in one makes every group look over
+    its targets once more, which costs little next to how rarely availability changes."""
+
+    changes: int = 0
+
+
+@dataclass(slots=True, eq=False)
 class TargetHealth:
     upstream: str
     target: str
@@ -41,17 +54,19 @@ class TargetHealth:
     clock: Clock = time.monotonic
     # True when the upstream has an active health check: probes are its job, not traffic's.
     actively_checked: bool = False
+    # Told of every change of probation, active_down and rested_until (their setters).
+    board: Board = field(default_factory=Board)
 
     consecutive_failures: int = 0
     ejections: int = 0  # the multiplier of the next ejection's length
     ejected_until: float = 0.0  # clock() time
-    # Out until proven: set by an ejection, cleared by a successful probe.
-    probation: bool = False
+    # ``probation``: out until proven; set by an ejection, cleared by a successful probe.
+    _probation: bool = field(default=False, init=False)
     probe_in_flight: bool = False
     # The ejection came from another replica (Redis): cleared when that replica's key goes.
     adopted: bool = False
-    rested_until: float = 0.0
-    active_down: bool = False
+    _rested_until: float = field(default=0.0, init=False)  # ``rested_until``
+    _active_down: bool = field(default=False, init=False)  # ``active_down``
     outstanding: int = 0  # requests in flight (least_outstanding)
     healthy_since: float = field(default=0.0)
 
@@ -63,11 +78,49 @@ class TargetHealth:
     failures_total: int = 0
     recoveries: int = 0
 
+    # The three fields that decide availability change through these, which tell the board.
+    # Methods here read the fields (the hot path: no property call) and write through these.
+
+    @property
+    def probation(self) -> bool:
+        return self._probation
+
+    @probation.setter
+    def probation(self, value: bool) -> None:
+        if value != self._probation:
+            self._probation = value
+            self.board.changes += 1
+
+    @property
+    def rested_until(self) -> float:
+        return self._rested_until
+
+    @rested_until.setter
+    def rested_until(self, value: float) -> None:
+        if value != self._rested_until:
+            self._rested_until = value
+            self.board.changes += 1
+
+    @property
+    def active_down(self) -> bool:
+        return self._active_down
+
+    @active_down.setter
+    def active_down(self, value: bool) -> None:
+        if value != self._active_down:
+            self._active_down = value
+            self.board.changes += 1
+
+    def plainly_available(self, now: float) -> bool:
+        """Usable now, and stays so as time passes until one of the three fields changes:
+        neither ejected nor down, and any rest over."""
+        return not self._probation and not self._active_down and now >= self._rested_until
+
     def usable(self, now: float) -> bool:
         """May a request be sent here now (as a probe, when it is on probation)?"""
-        if self.active_down or now < self.rested_until:
+        if self._active_down or now < self._rested_until:
             return False
-        if not self.probation:
+        if not self._probation:
             return True
         if now < self.ejected_until or self.actively_checked:
             return False
@@ -75,15 +128,15 @@ class TargetHealth:
 
     def in_service(self) -> bool:
         """Neither ejected nor marked down: counted as a usable target by readiness."""
-        return not self.active_down and not self.probation
+        return not self._active_down and not self._probation
 
     def returns_at(self, now: float) -> float | None:
         """When a target that is out now may be tried again by traffic, if it is only
         waiting on time (rested, or ejected without active checks)."""
-        if self.active_down:
+        if self._active_down:
             return None
-        at = self.rested_until
-        if self.probation:
+        at = self._rested_until
+        if self._probation:
             if self.actively_checked:
                 return None
             at = max(at, self.ejected_until)
@@ -92,7 +145,7 @@ class TargetHealth:
     def started(self, now: float) -> bool:
         """A request goes to the target; True if it is the target's probe."""
         self.outstanding += 1
-        if self.probation and now >= self.ejected_until and not self.actively_checked:
+        if self._probation and now >= self.ejected_until and not self.actively_checked:
             self.probe_in_flight = True
             return True
         return False
@@ -108,13 +161,13 @@ class TargetHealth:
         now = self.clock()
         if probe:
             self.probe_in_flight = False
-        if self.probation and probe:
+        if self._probation and probe:
             self.recoveries += 1
             self._back_in(now)
             return True
         if (
             self.ejections
-            and not self.probation
+            and not self._probation
             and now - self.healthy_since >= (self.policy.max_ejection)
         ):
             # Healthy for a whole max_ejection: the next ejection is one step shorter.
@@ -129,10 +182,10 @@ class TargetHealth:
         self.failures_total += 1
         if probe:
             self.probe_in_flight = False
-            if self.probation:
+            if self._probation:
                 # A failed probe: straight back out, for longer.
                 return self._eject(self.clock())
-        if not self.policy.enabled or self.probation:
+        if not self.policy.enabled or self._probation:
             return None
         self.consecutive_failures += 1
         if self.consecutive_failures < self.policy.consecutive_failures or not may_eject():
@@ -142,12 +195,12 @@ class TargetHealth:
     def rest(self, seconds: float) -> None:
         """The target said 429 with Retry-After: keep traffic away that long."""
         now = self.clock()
-        self.rested_until = max(self.rested_until, now + min(seconds, MAX_REST_SECONDS))
+        self.rested_until = max(self._rested_until, now + min(seconds, MAX_REST_SECONDS))
 
     def checked(self, healthy: bool) -> bool:
         """An active check's verdict (after its thresholds); True if it ended a probation."""
         self.active_down = not healthy
-        if healthy and self.probation and self.clock() >= self.ejected_until:
+        if healthy and self._probation and self.clock() >= self.ejected_until:
             self.recoveries += 1
             self._back_in(self.clock())
             return True
@@ -199,6 +252,7 @@ class HealthRegistry:
 
     clock: Clock = time.monotonic
     _targets: dict[tuple[str, str, str], TargetHealth] = field(default_factory=dict)
+    board: Board = field(default_factory=Board)
 
     def health(
         self, upstream: str, target: str, base_url: str, policy: OutlierPolicy, checked: bool
@@ -206,7 +260,7 @@ class HealthRegistry:
         key = (upstream, target, base_url)
         found = self._targets.get(key)
         if found is None:
-            found = TargetHealth(upstream, target, policy, self.clock, checked)
+            found = TargetHealth(upstream, target, policy, self.clock, checked, self.board)
             self._targets[key] = found
         else:
             found.policy = policy

@@ -52,3 +52,13 @@ def test_a_single_candidate_is_picked_by_every_policy() -> None:
     only = targets(1)
     for policy in (WeightedRandom(), RoundRobin(), LeastOutstanding()):
         assert policy.pick(only) is only[0]
+
+
+def test_weighted_random_picks_alike_from_a_tuple_it_remembers_and_from_a_list() -> None:
+    # A group hands over its own tuple while every target is available (the running totals
+    # are then kept), a list otherwise: the same draws pick the same targets either way.
+    candidates = targets(1, 3, 0.5, 2, 1)
+    as_tuple, as_list = WeightedRandom(random.Random(11)), WeightedRandom(random.Random(11))
+    frozen = tuple(candidates)
+    for _ in range(2000):
+        assert as_tuple.pick(frozen) is as_list.pick(list(candidates))

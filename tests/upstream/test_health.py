@@ -3,6 +3,8 @@ each time, a probe back in, rests for Retry-After, and active verdicts; on a fak
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.config.resilience import OutlierPolicy
 from gateway.upstream.health import HealthRegistry, TargetHealth
 
@@ -136,3 +138,38 @@ def test_the_registry_keeps_a_targets_health_across_snapshots_while_name_and_url
     assert registry.health("u", "a", "http://other", POLICY, False) is not first
     registry.keep_only({("u", "a", "http://other")})
     assert registry.health("u", "a", "http://a", POLICY, False) is not first
+
+
+def test_the_board_counts_every_change_of_availability_and_nothing_else() -> None:
+    clock = Clock()
+    registry = HealthRegistry(clock=clock)
+    target = registry.health("u", "a", "http://a", POLICY, False)
+    other = registry.health("u", "b", "http://b", POLICY, False)
+    board = registry.board
+    assert target.board is board
+    assert other.board is board
+
+    def moved(change: Callable[[], object]) -> int:
+        before = board.changes
+        change()
+        return board.changes - before
+
+    assert moved(lambda: fail(target, 2)) == 0  # failures below the threshold
+    assert moved(lambda: target.succeeded(probe=False)) == 0
+    assert moved(lambda: fail(target, 2)) == 0
+    assert moved(lambda: fail(target, 1)) == 1  # the third in a row: ejected
+    clock.now += 10
+    assert moved(lambda: target.started(clock.now)) == 0  # the probe: still on probation
+    assert moved(lambda: target.succeeded(probe=True)) == 1  # back in
+    assert moved(lambda: other.rest(2)) == 1
+    assert moved(lambda: other.checked(True)) == 0  # up already
+    assert moved(lambda: other.checked(False)) == 1
+    assert moved(lambda: other.unchecked()) == 1
+    assert moved(lambda: other.adopt(5, 1)) == 1
+    assert moved(lambda: other.released()) == 1
+
+    def set_directly() -> None:  # as tests do: through the same setters
+        target.probation = True
+
+    assert moved(set_directly) == 1
+    assert target.probation
