@@ -309,15 +309,18 @@ class JobsApi:
         )
 
     async def _wait_for_end(self, job: Job, seconds: float) -> Job:
+        """The job once it ended, or as it is after ``seconds``. Polls its status only (one
+        field), reading the whole job, answer included, once at the end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while not job.status.terminal and loop.time() < deadline:
+        store = self._service.store
+        while loop.time() < deadline:
             await asyncio.sleep(_POLL_STEP)
-            found = await self._service.store.get(job.id)
-            if found is None:
+            status = await store.status(job.id)
+            if status is None or status.terminal:
                 break
-            job = found
-        return job
+        found = await store.get(job.id)
+        return job if found is None else found
 
     def _retry_after(self, job: Job) -> RawHeaders:
         if job.status.terminal:

@@ -4,7 +4,8 @@ It keeps the contract of ``RedisStore`` step for step, so that the same tests ho
 (``tests/jobs/test_store_contract.py``): a FIFO queue of entries, leases that lapse (in one
 process only a worker task that died leaves one behind), records that end ``retention`` seconds
 after their job (lazily, on the next call; no background task), an idempotency index, the
-``key:``/``team:`` indexes newest first, and a delivery schedule with leases.
+``key:``/``team:`` indexes newest first, a count of each key's jobs not finished yet, and a
+delivery schedule with leases.
 
 Every method changes state without awaiting in between, so each change is atomic for asyncio;
 ``take`` waits for a submit on an ``asyncio.Event``. All times come from ``clock`` (tests move
@@ -20,10 +21,17 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.jobs.model import Delivery, Job, JobError, JobResult, Status, WebhookState
-from gateway.jobs.store import CANCELLED, EXPIRED, MAX_ATTEMPTS, Claim, StoreSettings
+from gateway.jobs.store import (
+    CANCELLED,
+    EXPIRED,
+    MAX_ATTEMPTS,
+    Claim,
+    QueueFull,
+    StoreSettings,
+)
 
 __all__ = ["MemoryStore", "fresh", "indexes"]
 
@@ -40,8 +48,11 @@ class MemoryStore:
         self._settings = settings
         self._clock = clock
         self._jobs: dict[str, Job] = {}
-        # When each record goes (the Redis store's TTL), and a heap of those times to find the
-        # next; a heap item whose time is no longer the record's is stale and skipped.
+        # When each record goes (the Redis store's TTL), and a heap to find the next. The heap
+        # holds, for each record, an item no later than its time: a time that moves later (every
+        # renewal of a long run moves it) changes ``_ends`` only, and the heap item, once due, is
+        # pushed again at the record's time then; only a time that moves earlier pushes. So the
+        # heap keeps a couple of items per record however often a run renews.
         self._ends: dict[str, float] = {}
         self._ending: list[tuple[float, str]] = []
         # The queue: entries in submission order. A job's entry lives while it is queued or
@@ -52,6 +63,9 @@ class MemoryStore:
         self._queued: set[str] = set()
         self._leases: dict[str, _Lease] = {}
         self._idempotent: dict[tuple[str, str], str] = {}
+        # owner -> jobs not finished yet (queued or running), for max_unfinished_per_key; an
+        # owner at zero has no entry.
+        self._unfinished: dict[str, int] = {}
         # index -> [(created_at, id)] ascending; pages read it from the end.
         self._indexes: dict[str, list[tuple[float, str]]] = {}
         # The delivery schedule: id -> due time, and a heap of those with stale items skipped.
@@ -71,6 +85,9 @@ class MemoryStore:
                 return self._jobs[existing]
         if job.id in self._jobs:
             raise ValueError(f"job id in use: {job.id}")
+        limit = self._settings.max_unfinished_per_key
+        if self._unfinished.get(job.owner, 0) >= limit:
+            raise QueueFull(job.owner, limit)
         job = fresh(job)
         now = self._clock()
         self._jobs[job.id] = job
@@ -83,12 +100,18 @@ class MemoryStore:
             bisect.insort(self._indexes.setdefault(index, []), (job.created_at, job.id))
         if job.idempotency is not None:
             self._idempotent[(job.owner, job.idempotency)] = job.id
+        self._unfinished[job.owner] = self._unfinished.get(job.owner, 0) + 1
         self._arrived.set()
         return job
 
     async def get(self, job_id: str) -> Job | None:
         self._purge()
         return self._jobs.get(job_id)
+
+    async def status(self, job_id: str) -> Status | None:
+        self._purge()
+        job = self._jobs.get(job_id)
+        return None if job is None else job.status
 
     async def page(
         self, index: str, *, status: Status | None, limit: int, after: str | None
@@ -112,7 +135,7 @@ class MemoryStore:
                 continue
             if len(jobs) == limit:
                 return jobs, True
-            jobs.append(job)
+            jobs.append(_listed(job))
         return jobs, False
 
     async def cancel(self, job_id: str, now: float) -> Job | None:
@@ -161,7 +184,7 @@ class MemoryStore:
         ):
             lease.until = now + self._settings.lease
             self._extend(job.id, now + self._settings.lease + self._settings.retention)
-        return job
+        return _state_only(job)
 
     async def finish(
         self,
@@ -203,6 +226,8 @@ class MemoryStore:
                 del self._due[job_id]
                 continue
             self._schedule_at(job_id, now + lease)
+            # Due again when the lease ends: the record lives a retention past that.
+            self._extend(job_id, now + lease + self._settings.retention)
             jobs.append(job)
         return jobs
 
@@ -221,6 +246,9 @@ class MemoryStore:
             self._due.pop(job_id, None)
         elif next_at is not None:
             self._schedule_at(job_id, next_at)
+            # A schedule may reach past the retention (8 attempts span ~31.6 h by default): the
+            # record lives until a retention after the next attempt.
+            self._extend(job_id, next_at + self._settings.retention)
         # Pending without a time: the schedule stays as due_deliveries left it (due again when
         # its delivery lease ends), as in the Redis store.
         return job
@@ -285,6 +313,7 @@ class MemoryStore:
         now: float,
     ) -> Job:
         hooked = job.webhook_url is not None
+        self._finished(job.owner)
         job = self._jobs[job.id] = job.but(
             status=status,
             result=result,
@@ -295,8 +324,18 @@ class MemoryStore:
         if hooked:
             self._schedule_at(job.id, now)
         self._let_go(job.id)
+        # A retention from now; a webhook's first delivery is due now, and each pending one
+        # after moves the end on (``due_deliveries``, ``delivered``).
         self._end_at(job.id, self._clock() + self._settings.retention)
         return job
+
+    def _finished(self, owner: str) -> None:
+        """One of ``owner``'s jobs ended (or its record went unfinished)."""
+        left = self._unfinished.get(owner, 0) - 1
+        if left > 0:
+            self._unfinished[owner] = left
+        else:
+            self._unfinished.pop(owner, None)
 
     def _let_go(self, job_id: str) -> None:
         """The job's entry and lease go (XACK + XDEL)."""
@@ -311,25 +350,37 @@ class MemoryStore:
     # -- retention -------------------------------------------------------------------------
 
     def _end_at(self, job_id: str, at: float) -> None:
+        """The record goes at ``at``: earlier or later than before."""
+        before = self._ends.get(job_id)
         self._ends[job_id] = at
-        heapq.heappush(self._ending, (at, job_id))
+        if before is None or at < before:
+            heapq.heappush(self._ending, (at, job_id))
+        # Later: the heap's item for the record is earlier still, and moves on when due.
 
     def _extend(self, job_id: str, at: float) -> None:
-        if self._ends.get(job_id, 0.0) < at:
-            self._end_at(job_id, at)
+        """The record goes no earlier than ``at`` (it has a time, so a heap item, already)."""
+        if self._ends[job_id] < at:
+            self._ends[job_id] = at
 
     def _purge(self) -> float:
         """Drop the records whose time is up; return the clock's time."""
         now = self._clock()
         while self._ending and self._ending[0][0] <= now:
-            at, job_id = heapq.heappop(self._ending)
-            if self._ends.get(job_id) == at:
+            _, job_id = heapq.heappop(self._ending)
+            at = self._ends.get(job_id)
+            if at is None:
+                continue  # dropped already, by another item of the same record
+            if at <= now:
                 self._drop(job_id)
+            else:
+                heapq.heappush(self._ending, (at, job_id))  # its time moved on since
         return now
 
     def _drop(self, job_id: str) -> None:
         job = self._jobs.pop(job_id)
         del self._ends[job_id]
+        if not job.status.terminal:
+            self._finished(job.owner)  # gone unfinished: it no longer counts
         self._let_go(job_id)
         self._due.pop(job_id, None)
         for index in indexes(job):
@@ -341,6 +392,25 @@ class MemoryStore:
         key = (job.owner, job.idempotency) if job.idempotency is not None else None
         if key is not None and self._idempotent.get(key) == job_id:
             del self._idempotent[key]
+
+
+# What renew and page give: copies without the bodies, though reading them costs nothing in
+# process, so that code tested against this store does not come to rely on bodies the Redis
+# store does not read for them.
+
+
+def _state_only(job: Job) -> Job:
+    """The job as ``renew`` returns it: request body empty, no result."""
+    return job.but(request=replace(job.request, body=b""), result=None)
+
+
+def _listed(job: Job) -> Job:
+    """The job as ``page`` returns it: request body and result body empty."""
+    result = job.result
+    return job.but(
+        request=replace(job.request, body=b""),
+        result=None if result is None else replace(result, body=b""),
+    )
 
 
 # Shared with the Redis store, which must agree on both.

@@ -7,9 +7,11 @@ in ``redis_scripts.py``):
   consumer group ``workers``; a replica's worker is a consumer. An entry is acknowledged and
   deleted when its job ends, so the stream holds the jobs queued and running. The stream and
   its group are made by the first submit: a gateway that never saw a job writes no key.
-- ``<tag>:job:<id>``: the job, a hash (layout in ``redis_scripts.py``). Its TTL: while queued
+- ``<tag>:job:<id>``: the job, a hash (layout in ``redis_scripts.py``; the request body in a
+  field of its own, so that ``renew`` and ``page`` skip it). Its TTL: while queued
   ``expires_at`` + retention (a job nobody took still ends), while running at least lease +
-  retention (kept by renewals), once finished ``retention``.
+  retention (kept by renewals), once finished ``retention``, and while its webhook is pending
+  at least until a retention after the next delivery is due.
 - ``<tag>:idem:<owner>:<sha256>``: the job id of an idempotency key, living as long as its job.
 - ``<tag>:index:key:<name>``, ``<tag>:index:team:<name>``: sorted sets, id scored by
   ``created_at``, for ``page``.
@@ -18,10 +20,13 @@ in ``redis_scripts.py``):
   the count; and rather than the group's ``lag`` (XINFO GROUPS, Redis 7), which is unknown
   (nil) once an entry not yet read was deleted, as the cancel of a queued job deletes its own.
 - ``<tag>:webhooks``: the delivery schedule, id scored by the time the next delivery is due.
+- ``<tag>:unfinished``: a hash, owner -> its jobs not finished yet, for
+  ``max_unfinished_per_key`` (how it stays right when records expire: ``redis_scripts.py``).
 
 Leases are the consumer group's pending entries: ``take`` claims entries idle longer than a
-lease (XAUTOCLAIM) before reading new ones (XREADGROUP), and ``renew`` resets an entry's idle
-time (XCLAIM to its own consumer). The store uses the caller's clock for the times it writes
+lease (XAUTOCLAIM, a bounded number of pending entries per call, from where this store's last
+look stopped) before reading new ones (XREADGROUP), and ``renew`` resets an entry's idle time
+(XCLAIM to its own consumer). The store uses the caller's clock for the times it writes
 (``started_at``, expiry against ``expires_at``) and Redis's own for leases and retention.
 
 The client must be a redis-py asyncio ``Redis`` or ``RedisCluster`` made with
@@ -35,6 +40,7 @@ import base64
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -52,7 +58,14 @@ from gateway.jobs.model import (
     Status,
     WebhookState,
 )
-from gateway.jobs.store import CANCELLED, EXPIRED, MAX_ATTEMPTS, Claim, StoreSettings
+from gateway.jobs.store import (
+    CANCELLED,
+    EXPIRED,
+    MAX_ATTEMPTS,
+    Claim,
+    QueueFull,
+    StoreSettings,
+)
 
 __all__ = ["RedisStore"]
 
@@ -62,6 +75,11 @@ _GROUP = "workers"
 _PAGE_BATCH = 100
 # How long before the client's own socket timeout a blocking read returns (see _block_ms).
 _SOCKET_MARGIN = 0.25
+# XAUTOCLAIM calls per take at most, each looking at up to 10 pending entries (TAKE): the work
+# of a take stays bounded however many jobs the replicas hold. Each take goes on from where
+# this store's last one stopped, and a worker with room takes at least once a second (its take
+# blocks a second at a time), so a lapsed lease is reached within about pending / 100 takes.
+_CLAIM_CALLS = 10
 
 
 class RedisStore:
@@ -87,6 +105,10 @@ class RedisStore:
         self._stream = f"{self._tag}:queue"
         self._queued = f"{self._tag}:queued"
         self._webhooks = f"{self._tag}:webhooks"
+        self._unfinished = f"{self._tag}:unfinished"
+        # Where this store's next look for lapsed leases starts (TAKE's XAUTOCLAIM cursor):
+        # each take goes on from the last, so every pending entry is reached in turn.
+        self._claim_cursor = "0-0"
         self._lease_ms = max(1, math.ceil(settings.lease * 1000))
         self._retention_ms = max(1, math.ceil(settings.retention * 1000))
         self._keep_ms = self._lease_ms + self._retention_ms
@@ -190,30 +212,42 @@ class RedisStore:
             if job.idempotency is not None
             else f"{self._tag}:idem:"
         )
-        keys = [self._job_key(job.id), self._stream, self._queued, idem]
+        keys = [self._job_key(job.id), self._stream, self._queued, idem, self._unfinished]
         keys += [self._index_key(index) for index in indexes(job)]
+        limit = self._settings.max_unfinished_per_key
         reply = await self._submit(
             keys=keys,
             args=[
                 self._tag,
                 job.id,
-                job.dumps(),
+                job.but(request=replace(job.request, body=b"")).dumps(),
                 repr(job.created_at),
                 repr(job.expires_at),
                 ttl_ms,
                 "1" if job.webhook_url is not None else "",
                 job.webhook_state.value,
                 "1" if job.idempotency is not None else "",
+                job.request.body,
+                job.owner,
+                limit,
             ],
         )
-        if int(reply[0]) == 0:
+        outcome = int(reply[0])
+        if outcome == 0:
             return _job(reply[1])
+        if outcome == 2:
+            raise QueueFull(job.owner, limit)
         return job
 
     async def get(self, job_id: str) -> Job | None:
         await self._connected()
         found = await self._client.hgetall(self._job_key(job_id))
         return _job(found) if found else None
+
+    async def status(self, job_id: str) -> Status | None:
+        await self._connected()
+        found = await self._client.hget(self._job_key(job_id), "status")
+        return None if found is None else Status(_text(found))
 
     async def page(
         self, index: str, *, status: Status | None, limit: int, after: str | None
@@ -238,7 +272,7 @@ class RedisStore:
             for record in records:
                 if len(jobs) == limit:
                     return jobs, True
-                jobs.append(_job(record))
+                jobs.append(_job(record, bodies=False))
             if ended:
                 return jobs, False
             cursor = last or cursor
@@ -246,7 +280,13 @@ class RedisStore:
     async def cancel(self, job_id: str, now: float) -> Job | None:
         await self._connected()
         reply = await self._cancel(
-            keys=[self._job_key(job_id), self._stream, self._queued, self._webhooks],
+            keys=[
+                self._job_key(job_id),
+                self._stream,
+                self._queued,
+                self._webhooks,
+                self._unfinished,
+            ],
             args=[
                 self._tag,
                 job_id,
@@ -309,9 +349,10 @@ class RedisStore:
 
     async def _take_one(self, worker: str, mode: str, entry: str, job_id: str) -> Claim | None:
         settings = self._settings
+        lapsed = mode == "lapsed"
         reply = await self._script(
             self._take,
-            [self._stream, self._queued, self._webhooks],
+            [self._stream, self._queued, self._webhooks, self._unfinished],
             [
                 self._tag,
                 _GROUP,
@@ -330,11 +371,15 @@ class RedisStore:
                 job_id,
                 CANCELLED.code,
                 CANCELLED.message,
+                self._claim_cursor if lapsed else "",
+                _CLAIM_CALLS,
             ],
         )
-        if not reply:
+        if lapsed:
+            self._claim_cursor = _text(reply[0])
+        if len(reply) == 1:
             return None
-        return Claim(job=_job(reply[1]), token=_text(reply[0]))
+        return Claim(job=_job(reply[2]), token=_text(reply[1]))
 
     async def renew(self, claim: Claim) -> Job | None:
         await self._connected()
@@ -343,7 +388,7 @@ class RedisStore:
             [self._job_key(claim.job.id), self._stream],
             [self._tag, _GROUP, claim.token, claim.job.attempts, self._keep_ms],
         )
-        return _job(reply) if reply else None
+        return _job(reply, bodies=False) if reply else None
 
     async def finish(
         self,
@@ -359,7 +404,7 @@ class RedisStore:
         job_id = claim.job.id
         reply = await self._script(
             self._finish,
-            [self._job_key(job_id), self._stream, self._queued, self._webhooks],
+            [self._job_key(job_id), self._stream, self._queued, self._webhooks, self._unfinished],
             [
                 self._tag,
                 _GROUP,
@@ -395,8 +440,9 @@ class RedisStore:
             raise ValueError("a delivery lease is a positive number of seconds")
         if limit <= 0:
             return []
+        keep_ms = max(1, math.ceil(lease * 1000)) + self._retention_ms
         reply = await self._due(
-            keys=[self._webhooks], args=[self._tag, repr(now), repr(now + lease), limit]
+            keys=[self._webhooks], args=[self._tag, repr(now), repr(now + lease), limit, keep_ms]
         )
         return [_job(record) for record in reply]
 
@@ -406,6 +452,11 @@ class RedisStore:
         await self._connected()
         entry = [delivery.attempt, delivery.at, delivery.status, delivery.error]
         entry.append(delivery.duration_ms)
+        # Redis counts the TTL on its own clock: the wait until next_at, on ours, plus the
+        # retention.
+        keep_ms = ""
+        if next_at is not None:
+            keep_ms = str(max(0, math.ceil((next_at - self._clock()) * 1000)) + self._retention_ms)
         reply = await self._delivered(
             keys=[self._job_key(job_id), self._webhooks],
             args=[
@@ -414,6 +465,7 @@ class RedisStore:
                 orjson.dumps(entry),
                 state.value,
                 "" if next_at is None else repr(next_at),
+                keep_ms,
             ],
         )
         return _job(reply) if reply else None
@@ -451,8 +503,10 @@ def _unb64(value: str) -> bytes:
     return base64.b64decode(value)
 
 
-def _job(reply: Any) -> Job:
-    """A job from a hash: HGETALL's dict, or a script's flat list of fields and values."""
+def _job(reply: Any, *, bodies: bool = True) -> Job:
+    """A job from a hash: HGETALL's dict, or a script's flat list of fields and values.
+    ``bodies`` False: a read that left the bodies out (RENEW, PAGE): the request body is empty,
+    a result (if read) has an empty body."""
     if isinstance(reply, dict):
         fields: dict[bytes, bytes] = reply
     else:
@@ -464,13 +518,17 @@ def _job(reply: Any) -> Job:
         result = JobResult(
             int(fields[b"result_status"]),
             _headers(fields[b"result_headers"]),
-            fields[b"result_body"],
+            fields.get(b"result_body", b"") if bodies else b"",
         )
+    stored = Job.loads(fields[b"job"])
+    # A record written before the body had its own field keeps it in ``job``.
+    body = fields.get(b"body", stored.request.body) if bodies else b""
     error = None
     if b"error_code" in fields:
         error = JobError(fields[b"error_code"].decode(), fields[b"error_message"].decode())
     deliveries = fields.get(b"deliveries")
-    return Job.loads(fields[b"job"]).but(
+    return stored.but(
+        request=replace(stored.request, body=body),
         status=Status(fields[b"status"].decode()),
         attempts=int(fields[b"attempts"]),
         started_at=None if started is None else float(started),

@@ -43,3 +43,15 @@ def idempotency_key_reused() -> GatewayError:
 
 def bad_query(message: str, param: str) -> GatewayError:
     return GatewayError(400, message, param=param, code="invalid_query")
+
+
+def too_many_jobs(limit: int) -> GatewayError:
+    # 429 as for any limit, with a time to come back: a job of the key ending frees a place.
+    return GatewayError(
+        429,
+        f"This API key has {limit} jobs not finished yet, the most it may have "
+        "(jobs.max_queued_per_key); wait for some to end, or cancel some.",
+        type="rate_limit_error",
+        code="too_many_jobs",
+        headers=[(b"retry-after", b"5")],
+    )

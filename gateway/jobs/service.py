@@ -48,7 +48,10 @@ def uses_redis(config: GatewayConfig) -> bool:
 def build_store(config: GatewayConfig, clock: Callable[[], float] = time.time) -> JobStore:
     jobs = config.jobs
     settings = StoreSettings(
-        lease=jobs.lease, max_attempts=jobs.max_attempts, retention=jobs.retention
+        lease=jobs.lease,
+        max_attempts=jobs.max_attempts,
+        retention=jobs.retention,
+        max_unfinished_per_key=jobs.max_queued_per_key,
     )
     url = config.redis.url
     if not uses_redis(config) or url is None:

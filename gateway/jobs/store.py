@@ -31,22 +31,50 @@ class StoreSettings:
     lease: float  # seconds a taken job stays with its worker without a renewal
     max_attempts: int  # runs begun before the job fails for good (dead letter)
     retention: float  # seconds a finished job stays readable
+    # Jobs one key may have not finished yet (queued or running) before ``submit`` refuses
+    # another (``jobs.max_queued_per_key``). The default is for stores built without a config
+    # (tests, benches): high enough never to be what they measure.
+    max_unfinished_per_key: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.max_unfinished_per_key < 1:
+            raise ValueError("max_unfinished_per_key is at least 1")
+
+
+class QueueFull(Exception):
+    """``submit`` refused a job: its owner already has ``limit`` jobs not finished yet."""
+
+    def __init__(self, owner: str, limit: int) -> None:
+        super().__init__(f"key {owner!r} already has {limit} jobs queued or running")
+        self.owner = owner
+        self.limit = limit
 
 
 class JobStore(Protocol):
     async def submit(self, job: Job) -> Job:
         """Store ``job`` (``queued``) and queue it. When ``job.idempotency`` is set and the same
-        owner already has a job with it (still retained), return that job and queue nothing."""
+        owner already has a job with it (still retained), return that job and queue nothing.
+        Raises ``QueueFull`` (and stores nothing) when the owner already has
+        ``max_unfinished_per_key`` jobs not finished (queued or in progress); an idempotent
+        resubmission is answered before that count is looked at."""
         ...
 
-    async def get(self, job_id: str) -> Job | None: ...
+    async def get(self, job_id: str) -> Job | None:
+        """The job as stored, complete: request body and result included."""
+        ...
+
+    async def status(self, job_id: str) -> Status | None:
+        """The job's status alone, None if unknown: what a poll waiting for the end reads
+        (no record is read whole)."""
+        ...
 
     async def page(
         self, index: str, *, status: Status | None, limit: int, after: str | None
     ) -> tuple[list[Job], bool]:
         """Jobs of one index (``key:NAME`` or ``team:NAME``; every job is in its owner's and, when
         it has one, its team's), newest first, starting after the job id ``after``; and whether
-        more follow."""
+        more follow. Result bodies and request bodies are left out (empty: ``b""``; a result's
+        status and headers are kept); ``get()`` has them."""
         ...
 
     async def cancel(self, job_id: str, now: float) -> Job | None:
@@ -57,7 +85,9 @@ class JobStore(Protocol):
 
     async def take(self, worker: str, block: float) -> Claim | None:
         """The next job for ``worker`` to run, waiting up to ``block`` seconds for one: a queued
-        job, first in first out, or one whose lease lapsed (its worker died). The job becomes
+        job, first in first out, or one whose lease lapsed (its worker died; a store may look
+        through the leases a bounded number per call, so a lapsed one can wait a few calls).
+        The job becomes
         ``in_progress`` with one more attempt, leased to ``worker``. Jobs that must not run are
         finished here and never returned: a cancelled one, one past ``expires_at``
         (``expired``), one already finished (by a worker that died before letting go of it),
@@ -66,8 +96,10 @@ class JobStore(Protocol):
         ...
 
     async def renew(self, claim: Claim) -> Job | None:
-        """Extend the lease; return the job as stored now, so that the worker sees a
-        ``cancel_requested`` or that it was finished elsewhere. None when it is gone."""
+        """Extend the lease; return the job as stored now, its request body empty (``b""``) and
+        its result None, so that the worker sees a ``cancel_requested`` or that it was finished
+        elsewhere (status, attempts, cancel_requested) without the bodies being read every
+        renewal. None when it is gone."""
         ...
 
     async def finish(
@@ -81,19 +113,24 @@ class JobStore(Protocol):
         """Store the outcome, once: only a job not finished yet changes (a second finish of the
         same job, by a worker whose lease had lapsed, changes nothing and returns what is
         stored). The queue entry goes; a webhook, if the job has one, is due now; the record is
-        kept for ``retention`` seconds."""
+        kept for ``retention`` seconds (longer while its webhook is pending, see
+        ``delivered``)."""
         ...
 
     async def due_deliveries(self, now: float, lease: float, limit: int) -> list[Job]:
         """Finished jobs whose webhook delivery is due, at most ``limit``, each leased for
-        ``lease`` seconds so that no other replica delivers it meanwhile."""
+        ``lease`` seconds so that no other replica delivers it meanwhile (and kept at least
+        until that lease ends plus ``retention``). Complete jobs: the webhook carries the
+        result."""
         ...
 
     async def delivered(
         self, job_id: str, delivery: Delivery, state: WebhookState, next_at: float | None
     ) -> Job | None:
         """Record one delivery attempt; with ``state`` pending the next one is due at
-        ``next_at``; delivered or failed ends the schedule."""
+        ``next_at``, and the record (with its idempotency key) is kept at least until
+        ``next_at`` + ``retention``, so that a schedule longer than the retention still finds
+        it; delivered or failed ends the schedule."""
         ...
 
     async def depth(self) -> int:

@@ -23,7 +23,7 @@ from gateway.http.headers import HOP_BY_HOP
 from gateway.jobs import refusals
 from gateway.jobs.hosts import WebhookHosts
 from gateway.jobs.model import Job, JobRequest, Status, WebhookState, new_job_id
-from gateway.jobs.store import JobStore
+from gateway.jobs.store import JobStore, QueueFull
 from gateway.pipeline.admission import Held, judge
 from gateway.routing import relative_raw_path
 from gateway.runtime import Runtime
@@ -122,7 +122,10 @@ class Submitter:
             if asked.webhook_url is not None
             else WebhookState.NONE,
         )
-        stored = await self._store.submit(job)
+        try:
+            stored = await self._store.submit(job)
+        except QueueFull as full:
+            raise refusals.too_many_jobs(full.limit) from None
         if stored.id == job.id:
             return stored, True
         if (stored.request.method, stored.request.path, stored.request.query) != (

@@ -50,6 +50,11 @@ class Backend:
         self._fake = FakeClock(time.time()) if url is None else None
         self._opened: list[JobStore] = []
 
+    @property
+    def url(self) -> str | None:
+        """The Redis server's URL (None in process): for the tests that look into Redis."""
+        return self._url
+
     def now(self) -> float:
         return self._fake() if self._fake is not None else time.time()
 

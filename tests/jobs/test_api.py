@@ -690,3 +690,19 @@ async def test_a_job_whose_key_was_removed_before_it_ran_fails_as_unauthorised()
         "invalid_api_key"
     }
     assert len(upstream.requests) == 1
+
+
+async def test_a_key_with_too_many_unfinished_jobs_gets_a_429_and_the_rest_are_unaffected() -> None:
+    upstream = StandInUpstream(lambda request: Scripted(head_delay=0.5))
+    async with in_process_gateway(
+        config("{max_queued_per_key: 2, concurrency: 1}"), upstream
+    ) as app:
+        accepted = [await submit(app) for _ in range(2)]
+        refused = await submit(app)
+        again = await submit(app, KEY, CHAT, ("idempotency-key", "k-1"))
+        other = await submit(app, TEAMMATE, CHAT.replace(b"fast", b"gpt-x"))
+    assert [a.status for a in accepted] == [202, 202]
+    assert refused.status == again.status == 429
+    assert refused.json()["error"]["code"] == "too_many_jobs"
+    assert refused.headers["retry-after"] == "5"
+    assert other.status == 202

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from gateway.jobs.memory_store import MemoryStore
 from gateway.jobs.model import (
     Delivery,
     Job,
@@ -29,8 +31,8 @@ from gateway.jobs.model import (
     new_job_id,
 )
 from gateway.jobs.redis_store import RedisStore
-from gateway.jobs.store import EXPIRED, MAX_ATTEMPTS, JobStore, StoreSettings
-from tests.jobs.conftest import SETTINGS, Backend
+from gateway.jobs.store import EXPIRED, MAX_ATTEMPTS, JobStore, QueueFull, StoreSettings
+from tests.jobs.conftest import SETTINGS, Backend, FakeClock
 from tests.support.redisserver import RedisServer
 
 LEASE = SETTINGS.lease
@@ -56,6 +58,7 @@ def job(
     idempotency: str | None = None,
     queue_for: float = 3600.0,
     age: float = 0.0,
+    body: bytes = b'{"model": "gpt-4o", "messages": []}',
 ) -> Job:
     """A job as the endpoint makes it: queued, never run, with a request to replay."""
     now = backend.now() - age
@@ -71,7 +74,7 @@ def job(
             path="/v1/chat/completions",
             query=b"stream=false",
             headers=((b"content-type", b"application/json"), (b"x-odd", b"\xff\x00")),
-            body=b'{"model": "gpt-4o", "messages": []}',
+            body=body,
         ),
         metadata={"run": "42", "note": "caf\u00e9"},
         webhook_url=webhook,
@@ -82,6 +85,24 @@ def job(
 
 def ids(jobs: list[Job]) -> list[str]:
     return [j.id for j in jobs]
+
+
+def state_only(stored: Job) -> Job:
+    """A job as ``renew`` gives it: no request body, no result."""
+    return stored.but(request=dataclasses.replace(stored.request, body=b""), result=None)
+
+
+def listed(stored: Job) -> Job:
+    """A job as ``page`` gives it: no request body, no result body."""
+    result = stored.result
+    return stored.but(
+        request=dataclasses.replace(stored.request, body=b""),
+        result=None if result is None else dataclasses.replace(result, body=b""),
+    )
+
+
+def settings(**changes: Any) -> StoreSettings:
+    return dataclasses.replace(SETTINGS, **changes)
 
 
 async def status_of(store: JobStore, job_id: str) -> Status:
@@ -260,7 +281,7 @@ async def test_finish_stores_the_first_outcome_only(backend: Backend) -> None:
     assert late == done
     assert await a.get(submitted.id) == done
     seen = await a.renew(stale)  # what the slow worker's watch sees: finished elsewhere
-    assert seen == done
+    assert seen == state_only(done)
     assert await b.take("worker-b", 0) is None
     assert await a.depth() == 0
 
@@ -451,7 +472,7 @@ async def test_page_is_newest_first_with_a_cursor_and_status_filter(backend: Bac
     assert (ids(page), more) == (newest[4:], False)
     page, more = await b.page("key:alice", status=None, limit=5, after=None)
     assert (ids(page), more) == (newest, False)
-    assert page[0] == made[-1]
+    assert page[0] == listed(made[-1])
 
     # The oldest two run; one of them finishes.
     first = await a.take("worker-a", 0)
@@ -658,6 +679,287 @@ async def test_a_submitted_job_must_be_queued(backend: Backend) -> None:
         await a.submit(bad)
 
 
+# -- what renew and page leave out -----------------------------------------------------------
+
+BIG = 1024 * 1024  # a request body worth not reading twice a second
+
+
+async def test_renew_gives_the_state_without_request_body_or_result(backend: Backend) -> None:
+    """The worker renews every held job every half second and reads only its status, attempts
+    and cancel_requested: the bodies stay in the store."""
+    a, b = backend.replicas()
+    submitted = await a.submit(job(backend, body=b"x" * BIG))
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    assert claim.job.request.body == submitted.request.body  # the worker gets what to run
+    renewed = await a.renew(claim)
+    assert renewed == state_only(claim.job)
+    assert renewed is not None
+    assert renewed.request.body == b""
+    asked = await b.cancel(submitted.id, backend.now())
+    assert asked is not None
+    assert await a.renew(claim) == state_only(asked)
+    done = await b.finish(claim, Status.COMPLETED, RESULT, None, backend.now())
+    seen = await a.renew(claim)
+    assert seen == state_only(done)
+    assert seen is not None
+    assert seen.result is None
+    assert (seen.status, seen.attempts, seen.cancel_requested) == (Status.COMPLETED, 1, True)
+    assert await a.get(submitted.id) == done  # get stays complete
+    assert done.request.body == submitted.request.body
+
+
+async def test_a_page_leaves_out_request_and_result_bodies(backend: Backend) -> None:
+    a, b = backend.replicas()
+    finished = await a.submit(job(backend, body=b"y" * BIG, age=2))
+    queued = await a.submit(job(backend, body=b"z" * BIG, age=1))
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    done = await a.finish(claim, Status.COMPLETED, RESULT, None, backend.now())
+    page, more = await b.page("key:alice", status=None, limit=10, after=None)
+    assert (ids(page), more) == ([queued.id, finished.id], False)
+    assert page == [listed(queued), listed(done)]
+    assert page[1].result == JobResult(RESULT.status, RESULT.headers, b"")  # status, headers
+    assert all(listed_job.request.body == b"" for listed_job in page)
+    page, _ = await b.page("key:alice", status=Status.COMPLETED, limit=1, after=None)
+    assert page == [listed(done)]
+    assert await b.get(finished.id) == done  # get has the bodies
+
+
+async def test_status_reads_a_jobs_status(backend: Backend) -> None:
+    a, b = backend.replicas()
+    assert await a.status(new_job_id()) is None
+    submitted = await a.submit(job(backend))
+    assert await b.status(submitted.id) is Status.QUEUED
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    assert await b.status(submitted.id) is Status.IN_PROGRESS
+    await a.finish(claim, Status.FAILED, None, JobError("upstream_error", "502"), backend.now())
+    assert await b.status(submitted.id) is Status.FAILED
+
+
+# -- the bound on a key's jobs not finished ----------------------------------------------------
+
+
+async def test_submit_refuses_a_key_with_max_unfinished_jobs(backend: Backend) -> None:
+    a, b = backend.replicas(settings(max_unfinished_per_key=2))
+    digest = "5a" * 32
+    first = await a.submit(job(backend, idempotency=digest))
+    second = await b.submit(job(backend))
+    with pytest.raises(QueueFull) as refused:
+        await a.submit(job(backend))
+    assert (refused.value.owner, refused.value.limit) == ("alice", 2)
+    # An idempotent resubmission is answered, not refused.
+    assert await b.submit(job(backend, idempotency=digest)) == first
+    # Another key has its own bound; nothing of the refused job was stored.
+    await a.submit(job(backend, owner="bob"))
+    assert await a.depth() == 3
+    page, _ = await a.page("key:alice", status=None, limit=10, after=None)
+    assert sorted(ids(page)) == sorted([first.id, second.id])
+
+    # A running job still counts; a finished one does not.
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    assert claim.job.id == first.id
+    with pytest.raises(QueueFull):
+        await b.submit(job(backend))
+    await a.finish(claim, Status.COMPLETED, RESULT, None, backend.now())
+    third = await b.submit(job(backend))
+    with pytest.raises(QueueFull):
+        await a.submit(job(backend))
+    # Nor does a cancelled one.
+    await a.cancel(third.id, backend.now())
+    await a.submit(job(backend))
+    with pytest.raises(QueueFull):
+        await a.submit(job(backend))
+    # The finished job's key, still retained, answers a resubmission with the same key.
+    assert (await b.submit(job(backend, idempotency=digest))).id == first.id
+
+
+async def test_concurrent_submits_stop_at_the_bound(backend: Backend) -> None:
+    a, b = backend.replicas(settings(max_unfinished_per_key=3))
+    made = await asyncio.gather(
+        *(store.submit(job(backend, owner="carol")) for store in (a, b) * 4),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(outcome, Job) for outcome in made) == 3
+    assert sum(isinstance(outcome, QueueFull) for outcome in made) == 5
+
+
+@WAITS
+async def test_jobs_the_store_ends_or_loses_give_back_their_place(backend: Backend) -> None:
+    """Every way a job stops counting: expired or dead-lettered by a take, and a record that
+    expired unfinished (nobody took it; its worker died and nobody took over; its worker
+    finished too late), which a take or that finish meets. Each frees one place, once."""
+    a, b = backend.replicas(settings(retention=0.3, max_attempts=1, max_unfinished_per_key=1))
+
+    async def full() -> bool:
+        try:
+            extra = await a.submit(job(backend, queue_for=0.05))
+        except QueueFull:
+            return True
+        await a.cancel(extra.id, backend.now())
+        return False
+
+    # Expired in the queue, met by a take.
+    await a.submit(job(backend, queue_for=0.1))
+    assert await full()
+    await backend.advance(0.15)
+    assert await b.take("worker-b", 0) is None
+    assert not await full()
+
+    # Dead-lettered: its one attempt's worker died.
+    await a.submit(job(backend))
+    assert await b.take("worker-b", 0) is not None
+    await backend.advance(LAPSE)
+    assert await b.take("worker-b", 0) is None
+    assert not await full()
+
+    # Its record expired queued, unseen (queue deadline plus retention): a take meets its entry.
+    lost = await a.submit(job(backend, queue_for=0.05))
+    await backend.advance(0.5)
+    assert await a.get(lost.id) is None
+    assert await b.take("worker-b", 0) is None
+    assert not await full()
+
+    # Its record expired while its worker was away past lease and retention.
+    await a.submit(job(backend, queue_for=0.05))
+    abandoned = await b.take("worker-b", 0)
+    assert abandoned is not None
+    await backend.advance(LEASE + 0.3 + 0.2)
+    assert await a.get(abandoned.job.id) is None
+    assert await b.take("worker-c", 0) is None
+    assert not await full()
+
+    # The same, but its worker came back and finished: the finish meets its entry.
+    await a.submit(job(backend, queue_for=0.05))
+    slow = await b.take("worker-b", 0)
+    assert slow is not None
+    await backend.advance(LEASE + 0.3 + 0.2)
+    done = await b.finish(slow, Status.COMPLETED, RESULT, None, backend.now())
+    assert done.status is Status.COMPLETED
+    assert await a.get(slow.job.id) is None
+    assert not await full()
+    assert await b.take("worker-c", 0) is None
+    # Counted once each: exactly one place now.
+    await a.submit(job(backend))
+    assert await full()
+
+
+# -- webhooks pending past the retention ---------------------------------------------------
+
+
+@WAITS
+async def test_a_pending_webhook_keeps_its_record_past_the_retention(backend: Backend) -> None:
+    """The default schedule reaches its 8th attempt at ~31.6 h, past a 24 h retention: while a
+    delivery is pending the record (and its idempotency key) lives until a retention after the
+    next attempt is due, and after a delivery lease ends."""
+    retention = 0.5
+    a, b = backend.replicas(settings(retention=retention))
+    digest = "9d" * 32
+    submitted = await a.submit(
+        job(backend, webhook="https://hooks.example/jobs", idempotency=digest)
+    )
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    await a.finish(claim, Status.COMPLETED, RESULT, None, backend.now())
+    start = backend.now()
+    assert ids(await b.due_deliveries(start, 1.0, 10)) == [submitted.id]  # leased for 1 s
+    await backend.advance(retention + 0.2)
+    assert await a.get(submitted.id) is not None  # the lease's end plus the retention
+    now = backend.now()
+    refused = Delivery(attempt=1, at=now, status=503, error=None, duration_ms=1.0)
+    next_at = now + 0.6
+    assert await b.delivered(submitted.id, refused, WebhookState.PENDING, next_at) is not None
+    await backend.advance(retention + 0.4)  # past the lease's end plus the retention
+    assert backend.now() > start + 1.0 + retention
+    kept = await a.get(submitted.id)
+    assert kept is not None
+    assert kept.deliveries == (refused,)
+    assert (await b.submit(job(backend, idempotency=digest))).id == submitted.id
+    assert backend.now() >= next_at
+    assert ids(await a.due_deliveries(backend.now(), 0.1, 10)) == [submitted.id]
+    await backend.advance(0.1 + retention + 0.2)
+    assert await a.get(submitted.id) is None  # the schedule keeps it, no longer
+
+
+# -- the in-process store's retention heap -------------------------------------------------
+
+
+async def test_renewals_do_not_grow_the_retention_heap() -> None:
+    """A run that outlives its queue deadline moves its record's end on every renewal; the heap
+    that finds the next end must not gain an item per renewal (one job-hour left 7,142)."""
+    clock = FakeClock(time.time())
+    kept = settings(retention=3600.0)
+    store = MemoryStore(kept, clock=clock)
+    submitted = await store.submit(
+        Job(
+            id=new_job_id(),
+            owner="alice",
+            team=None,
+            status=Status.QUEUED,
+            created_at=clock.now,
+            expires_at=clock.now + 0.1,
+            request=JobRequest("POST", "/v1/chat/completions", b"", (), b"{}"),
+        )
+    )
+    claim = await store.take("worker", 0)
+    assert claim is not None
+    for _ in range(1000):
+        clock.now += LEASE / 3
+        assert await store.renew(claim) is not None
+    assert len(store._ending) <= 3
+    clock.now += LEASE + kept.retention - 0.01
+    assert await store.get(submitted.id) is not None  # renewed: kept a lease + retention
+    clock.now += 0.02
+    assert await store.get(submitted.id) is None
+    assert store._ending == []
+
+
+# -- taking lapsed leases among many held ----------------------------------------------------
+
+
+@WAITS
+async def test_a_lapsed_lease_among_many_held_is_taken_in_a_few_bounded_takes(
+    backend: Backend,
+) -> None:
+    """Each take looks at a bounded number of leases (Redis: at most 10 XAUTOCLAIM calls of 10
+    entries each), going on where the last look stopped, so the one lapsed lease behind 299
+    held ones is still reached in a few takes."""
+    held = 300
+    a, b = backend.replicas(settings(lease=1.0, retention=60.0))
+    for i in range(held):
+        await a.submit(job(backend, owner=f"key{i}"))
+    claims = []
+    for _ in range(held):
+        claim = await a.take("worker-a", 0)
+        assert claim is not None
+        claims.append(claim)
+    await backend.advance(1.2)
+    for claim in claims[:-1]:  # the newest one's worker died
+        assert await a.renew(claim) is not None
+    look = Redis.from_url(backend.url) if backend.url is not None else None
+    try:
+        if look is not None:
+            await look.config_resetstat()
+        takes = 0
+        taken = None
+        while taken is None and takes < 10:
+            taken = await b.take("worker-b", 0)
+            takes += 1
+        assert taken is not None
+        assert taken.job.id == claims[-1].job.id
+        assert taken.job.attempts == 2
+        assert takes <= math.ceil(held / 100) + 1
+        if look is not None:
+            stats = await look.info("commandstats")
+            calls = stats.get("cmdstat_xautoclaim", {}).get("calls", 0)
+            assert calls <= 10 * takes  # before: the whole pending list on every take
+    finally:
+        if look is not None:
+            await look.aclose()
+
+
 # -- Redis only ----------------------------------------------------------------------------
 
 
@@ -718,3 +1020,68 @@ async def test_workers_gone_for_long_are_forgotten_by_the_group(
     finally:
         await store.aclose()
         await look.aclose()
+
+
+async def test_renew_page_and_status_read_no_body_from_redis(redis_server: RedisServer) -> None:
+    """The request body has a field of its own, so RENEW and PAGE leave it (and the result's
+    body) in Redis: what Redis sends for them is small however large the bodies."""
+    backend = Backend("redis", redis_server.url)
+    look = Redis.from_url(redis_server.url)
+    big = 8 * 1024 * 1024
+    result = JobResult(200, RESULT.headers, b"r" * big)
+
+    async def sent(step: Any) -> int:
+        before = (await look.info("stats"))["total_net_output_bytes"]
+        await step
+        after = (await look.info("stats"))["total_net_output_bytes"]
+        return int(after) - int(before)
+
+    try:
+        a, _ = backend.replicas()
+        submitted = await a.submit(job(backend, body=b"b" * big))
+        key = f"{{gateway:jobs}}:job:{submitted.id}"
+        blob = await look.hget(key, "job")
+        assert blob is not None
+        stored = Job.loads(blob)
+        assert stored.request.body == b""  # not in the record's JSON
+        assert await look.hget(key, "body") == submitted.request.body
+        claim = await a.take("worker-a", 0)
+        assert claim is not None
+        assert await sent(a.renew(claim)) < 64 * 1024
+        await a.finish(claim, Status.COMPLETED, result, None, backend.now())
+        assert await sent(a.renew(claim)) < 64 * 1024
+        page = a.page("key:alice", status=None, limit=20, after=None)
+        assert await sent(page) < 64 * 1024
+        assert await sent(a.status(submitted.id)) < 16 * 1024
+        full = await a.get(submitted.id)
+        assert full is not None
+        assert full.request.body == submitted.request.body
+        assert full.result == result
+    finally:
+        await look.aclose()
+        await backend.aclose()
+
+
+async def test_a_record_written_with_its_body_in_the_json_still_reads(
+    redis_server: RedisServer,
+) -> None:
+    """A job stored before the body had its own field (the whole Job.dumps() in ``job``) reads
+    back whole with get, and without its body with renew."""
+    backend = Backend("redis", redis_server.url)
+    look = Redis.from_url(redis_server.url)
+    try:
+        a, _ = backend.replicas()
+        submitted = await a.submit(job(backend))
+        key = f"{{gateway:jobs}}:job:{submitted.id}"
+        await look.hset(key, "job", submitted.dumps())
+        await look.hdel(key, "body")
+        assert await a.get(submitted.id) == submitted
+        claim = await a.take("worker-a", 0)
+        assert claim is not None
+        assert claim.job.request.body == submitted.request.body
+        renewed = await a.renew(claim)
+        assert renewed is not None
+        assert renewed.request.body == b""
+    finally:
+        await look.aclose()
+        await backend.aclose()
