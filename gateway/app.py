@@ -24,7 +24,7 @@ from starlette.routing import Route, Router
 
 from gateway import errors
 from gateway.auth import AdminKeys
-from gateway.config.checks import RESERVED_PATHS
+from gateway.config.checks import JOBS_PREFIX, RESERVED_PATHS
 from gateway.config.model import GatewayConfig
 from gateway.context import context_of
 from gateway.endpoints import health
@@ -210,7 +210,7 @@ class Gateway:
         if not admin and relative not in OWN_PATHS:
             jobs = self._jobs_api
             if jobs is not None:
-                if is_jobs_path(relative):
+                if relative.startswith(JOBS_PREFIX) and is_jobs_path(relative):
                     await jobs(scope, receive, send, relative)
                     return
                 asked = preferences(scope["headers"])
