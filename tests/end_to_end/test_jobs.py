@@ -14,20 +14,18 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import orjson
-import pytest
 
 from tests.conftest import DEMO_KEY, UPSTREAM_KEY, gateway_config
 from tests.support.fakeupstream import FakeUpstream, RecordedRequest
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.jobs import job_when_done_over_http
 from tests.support.redisserver import RedisServer
+from tests.support.redisserver import redis_server_fixture as redis_server_fixture
 from tests.support.tcprelay import StallableRelay
 from tests.support.webhookreceiver import WebhookReceiver
 
@@ -36,16 +34,6 @@ ASYNC = {**AUTH, "prefer": "respond-async"}
 ENV = {"TEST_UPSTREAM_KEY": UPSTREAM_KEY}
 LEASE = 1.0
 WEBHOOK_SECRET = "whsec_" + "c2VjcmV0LWZvci10aGUtam9icy1lbmQtdG8tZW5kLXRlc3Q="
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def replica(
