@@ -19,6 +19,8 @@ Endpoints (all JSON, ``Cache-Control: no-store``):
 - ``GET /admin/errors``: the last failed requests (ids, routes, statuses, kinds; no bodies);
 - ``GET /admin/usage``: requests, tokens and cost per key, team, model and period, and the
   budgets (``gateway/accounting/report.py``);
+- ``GET /admin/jobs``: where jobs live, the bounds, jobs running here and queued; with
+  ``?id=job_...`` one job of any key, without its request or answer bodies;
 - ``GET /admin/health``: connections, limits (Redis breaker), request bodies, forwarded headers;
 - ``POST /admin/reload``: reload the config in every worker and say which it reached;
 - ``GET /admin/status``: the status page for people (``status_page.html``).
@@ -32,13 +34,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 from gateway import errors
 from gateway.accounting.report import parse_query, usage_report
 from gateway.auth import basic_password, presented_key
+from gateway.jobs.refusals import job_not_found
+from gateway.jobs.service import uses_redis
+from gateway.jobs.views import job_view
 from gateway.limits.redis_limiter import FAILURES
 from gateway.types import Receive, Scope, Send
 from gateway.upstream.targets import UpstreamTarget
@@ -101,6 +106,7 @@ class AdminApi:
             ("GET", "upstreams"): _upstreams,
             ("GET", "errors"): _errors,
             ("GET", "usage"): _usage,
+            ("GET", "jobs"): _jobs,
             ("GET", "health"): _health,
             ("POST", "reload"): _reload,
         }
@@ -309,6 +315,35 @@ async def _usage(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, 
         ) from None
     store = "redis" if runtime.config.redis.url else "local"
     return {**report, "store": store, "pid": os.getpid()}
+
+
+async def _jobs(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:
+    jobs = gateway.jobs
+    if jobs is None:
+        return {"enabled": False, "pid": os.getpid()}
+    wanted = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("id")
+    if wanted:
+        job = await jobs.store.get(wanted[0])
+        if job is None:
+            raise job_not_found(wanted[0])
+        # What an operator needs to follow a job, not its content: no bodies, and the webhook
+        # URL without its query (it may carry the receiver's token).
+        view = job_view(job, body=False)
+        if job.webhook_url is not None:
+            view["webhook"]["url"] = upstream_origin(job.webhook_url)
+        return {"job": {**view, "owner": job.owner, "team": job.team}}
+    settings = jobs.settings
+    return {
+        "enabled": True,
+        "store": "redis" if uses_redis(gateway.runtime().config) else "memory",
+        "concurrency": settings.concurrency,
+        "per_key_concurrency": settings.per_key_concurrency,
+        "max_queued_per_key": settings.max_queued_per_key,
+        "running": jobs.workers.running,
+        "queued": await jobs.queued(),
+        "webhooks": jobs.deliveries is not None,
+        "pid": os.getpid(),
+    }
 
 
 async def _health(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, Any]:

@@ -55,7 +55,7 @@ admin:
 BEARER = [("authorization", f"Bearer {ADMIN}")]
 CLIENT = [("authorization", f"Bearer {KEY}"), ("content-type", "application/json")]
 CHAT = orjson.dumps({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
-ENDPOINTS = ("config", "routes", "keys", "upstreams", "errors", "health", "usage", "status")
+ENDPOINTS = ("config", "routes", "keys", "upstreams", "errors", "health", "usage", "jobs", "status")
 # What no admin response may carry.
 NEVER = (KEY, ADMIN, SECRET, ORG, hash_key(KEY)[7:], hash_key(ADMIN)[7:], "/v1?", "sha256:")
 
@@ -276,3 +276,36 @@ async def test_reload_applies_the_file_and_reports_it(tmp_path: Path) -> None:
         assert re.search(r"gateway\.yaml", " ".join(state["files"]))
     finally:
         await app.shutdown()
+
+
+async def test_admin_jobs_shows_the_queue_and_any_keys_job_without_its_content(
+    gateway: Gateway,
+) -> None:
+    body = b'{"model": "fast", "messages": [{"role": "user", "content": "private words"}]}'
+    headers = [*CLIENT, ("prefer", "respond-async, wait=5"), ("x-gateway-webhook-url", "x")]
+    refused = await call(gateway, "POST", "/v1/chat/completions", headers=headers, body=body)
+    assert refused.status == 400  # no webhook secret here: the job is refused, none made
+    submitted = await call(
+        gateway,
+        "POST",
+        "/v1/chat/completions",
+        headers=[*CLIENT, ("prefer", "respond-async, wait=5")],
+        body=body,
+    )
+    job_id = submitted.headers["x-gateway-job-id"]
+    summary = (await admin(gateway, "jobs")).json()
+    one = (await admin(gateway, f"jobs?id={job_id}")).json()["job"]
+    missing = await call(gateway, "GET", "/admin/jobs?id=job_nope", headers=BEARER)
+    assert summary["enabled"] is True
+    assert summary["store"] == "memory"
+    assert summary["queued"] == 0
+    assert summary["running"] == 0
+    assert one["id"] == job_id
+    assert one["owner"] == "demo"
+    assert one["team"] == "ml"
+    assert one["status"] == "completed"
+    assert "body" not in one["response"]
+    text = orjson.dumps(one).decode()
+    assert "private words" not in text
+    assert_nothing_secret(text)
+    assert missing.status == 404
