@@ -56,11 +56,15 @@ class WebhookDeliveries:
         *,
         clock: Callable[[], float] = time.time,
         concurrency: int = 16,
+        per_owner: int = 4,
         poll_interval: float = 0.2,
         jitter: Callable[[], float] | None = None,
     ) -> None:
         """``hosts_of`` gives the webhook_hosts of a key by name (None: the key is gone);
-        ``payload`` the body for a job; ``jitter`` a draw in [0, 1) per retry (random)."""
+        ``payload`` the body for a job; ``jitter`` a draw in [0, 1) per retry (random);
+        ``per_owner`` the attempts of one key's jobs in flight at once here, so that one key's
+        slow receiver (a tarpit) cannot hold every slot: its other deliveries due wait out
+        their lease (``timeout`` plus a margin) and come back then."""
         self._store = store
         self._sender = sender
         self._schedule = settings.schedule
@@ -69,6 +73,8 @@ class WebhookDeliveries:
         self._payload = payload
         self._clock = clock
         self._concurrency = concurrency
+        self._per_owner = per_owner
+        self._owners: dict[str, int] = {}
         self._poll_interval = poll_interval
         # Jitter spreads retries; it needs no unpredictability, only spread.
         self._jitter = jitter or random.Random().random  # noqa: S311
@@ -121,6 +127,10 @@ class WebhookDeliveries:
         for job in jobs:
             if job.id in self._in_flight:
                 continue
+            owner = job.owner
+            if self._owners.get(owner, 0) >= self._per_owner:
+                continue  # leased: due again when the lease ends, after this key's own
+            self._owners[owner] = self._owners.get(owner, 0) + 1
             self._in_flight.add(job.id)
             task = asyncio.get_running_loop().create_task(self._deliver_logged(job))
             self._running.add(task)
@@ -136,6 +146,11 @@ class WebhookDeliveries:
             logger.exception("webhook delivery for job %s failed", job.id)
         finally:
             self._in_flight.discard(job.id)
+            left = self._owners[job.owner] - 1
+            if left:
+                self._owners[job.owner] = left
+            else:
+                del self._owners[job.owner]  # no entry kept for a key with nothing in flight
 
     async def deliver(self, job: Job) -> Job | None:
         """One attempt for ``job`` (as ``due_deliveries`` gave it), recorded; the job as stored

@@ -78,6 +78,7 @@ async def running(
     *,
     timeout: float = 2.0,
     concurrency: int = 16,
+    per_owner: int = 4,
 ) -> AsyncIterator[Harness]:
     settings = WebhookSettings(schedule=schedule, timeout=timeout)
     store = MemoryStore(StoreSettings(lease=5.0, max_attempts=3, retention=60.0))
@@ -89,6 +90,7 @@ async def running(
         hosts,
         payload,
         concurrency=concurrency,
+        per_owner=per_owner,
         poll_interval=POLL,
         jitter=lambda: 0.0,
     )
@@ -269,3 +271,25 @@ async def test_stop_ends_the_loop_and_closes_the_sender(receiver: WebhookReceive
     assert stored is not None
     assert stored.webhook_state is WebhookState.PENDING
     assert receiver.received == []
+
+
+async def test_one_keys_slow_receiver_cannot_hold_every_slot() -> None:
+    async with (
+        WebhookReceiver([SECRET], default=Reply(delay=1.5)) as tarpit,
+        WebhookReceiver([SECRET]) as prompt,
+    ):
+        hosts = WebhookHosts.parse([f"127.0.0.1:{tarpit.port}", f"127.0.0.1:{prompt.port}"])
+        async with running((0, 60), lambda owner: hosts, concurrency=4, per_owner=2) as harness:
+            for _ in range(8):
+                await harness.finished_job(tarpit.url(), owner="slow")
+            await asyncio.sleep(POLL * 3)  # the slow key's deliveries are under way
+            started = time.monotonic()
+            job = await harness.finished_job(prompt.url(), owner="quick")
+            await prompt.wait_for(1, timeout=1.0)
+            waited = time.monotonic() - started
+            settled = await harness.settled(job)
+            await asyncio.sleep(0.2)
+            # The slow key never had more than its share in flight.
+            assert len(tarpit.received) == 2
+    assert waited < 0.5
+    assert settled.webhook_state is WebhookState.DELIVERED
