@@ -186,6 +186,33 @@ class MemoryStore:
             self._extend(job.id, now + self._settings.lease + self._settings.retention)
         return _state_only(job)
 
+    async def release(self, claim: Claim) -> None:
+        now = self._purge()
+        job = self._jobs.get(claim.job.id)
+        lease = None if job is None else self._leases.get(job.id)
+        if (
+            job is None
+            or lease is None
+            or job.status is not Status.IN_PROGRESS
+            or lease.attempt != claim.job.attempts
+        ):
+            return  # gone, ended, or taken again since its lease lapsed: another run's now
+        # As before the take: this run never began.
+        job = job.but(attempts=claim.job.attempts - 1, started_at=None)
+        if job.cancel_requested:
+            # Queued again it would only wait for a take to cancel it: end it now, as cancel()
+            # ends a queued job.
+            self._end(job, Status.CANCELLED, None, CANCELLED, now)
+            return
+        del self._leases[job.id]
+        self._jobs[job.id] = job.but(status=Status.QUEUED)
+        # Back in its place: the queue is in entry order (entries are taken from its front, so
+        # every entry taken is older than those still in it), and it goes before the jobs
+        # submitted after it, as the Redis store's pending entry does.
+        bisect.insort(self._queue, (lease.entry, job.id))
+        self._queued.add(job.id)
+        self._arrived.set()
+
     async def finish(
         self,
         claim: Claim,

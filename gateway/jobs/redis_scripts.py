@@ -16,7 +16,8 @@ appended to).
 Each key's jobs not finished yet (queued or running) are counted in the hash
 ``<tag>:unfinished`` (owner -> count; an owner at zero has no field), for
 ``max_unfinished_per_key``: incremented by SUBMIT, decremented by ``end_job``, the one step every
-end of a job goes through (TAKE's cancelled, expired and dead-lettered jobs, FINISH, CANCEL). A
+end of a job goes through (TAKE's cancelled, expired and dead-lettered jobs, FINISH, CANCEL,
+RELEASE's cancelled job); a job RELEASE queues again keeps its count, unfinished still. A
 record can also expire unfinished, unseen (no worker reached it for its queue deadline plus the
 retention, or none took over a dead worker's run within the retention); its count is then
 corrected when its stream entry is met, which names the owner: the entry outlives the record
@@ -292,6 +293,51 @@ if status == 'in_progress'
   extend_ttl(key, ARGV[5])
 end
 return fields(key, STATE)
+"""
+)
+
+# KEYS: job, stream, queued, webhooks, unfinished. ARGV: tag, group, entry, id, attempts (the
+# claim's), lease_ms, now, retention_ms, and the cancelled error's code and message.
+# Returns 1 when the job went back to the queue (or, its cancel asked, ended), 0 when the claim
+# was no longer the current run's, or the job had ended or is gone (nothing changed).
+RELEASE = (
+    _PRELUDE
+    + """
+local key = KEYS[1]
+local k = {stream = KEYS[2], queued = KEYS[3], webhooks = KEYS[4], unfinished = KEYS[5]}
+local group, entry, id, attempts = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if redis.call('HGET', key, 'status') ~= 'in_progress'
+    or tonumber(redis.call('HGET', key, 'attempts')) ~= attempts then
+  return 0  -- ended, gone, or taken again since its lease lapsed: another run's now
+end
+-- The entry must still be pending: one no longer in the group's pending list would never be
+-- delivered again (XREADGROUP gives only entries never read), so queued it would never run.
+local pending = redis.call('XPENDING', k.stream, group, entry, entry, 1)
+if #pending == 0 then return 0 end
+-- As before the take: this run never began.
+redis.call('HSET', key, 'attempts', tostring(attempts - 1))
+redis.call('HDEL', key, 'started_at')
+if redis.call('HGET', key, 'cancel') == '1' then
+  -- Queued again it would only wait for a take to cancel it: end it now, as CANCEL ends a
+  -- queued job (end_job deletes the entry; the acknowledgement is this worker's).
+  end_job(key, id, 'cancelled', ARGV[7], ARGV[8], k, ARGV[9], ARGV[10])
+  redis.call('XACK', k.stream, group, entry)
+  return 1
+end
+-- Queued again. The record's TTL stays: it is at least what the queued job had (a take only
+-- extends it), and the unfinished count, the indexes and the idempotency key are the same for a
+-- queued job as for a running one.
+redis.call('HSET', key, 'status', 'queued')
+redis.call('SADD', k.queued, id)
+-- The entry stays where it is, pending, with its idle time set to a lease: to XAUTOCLAIM it is
+-- a lease that lapsed just now, so the next look for lapsed leases, which every take makes
+-- before it reads new entries, claims it (and TAKE counts the attempt of that run). Its place
+-- in the queue is kept: it is older than every entry not read yet, and is taken before them.
+-- Acknowledging it and adding a new entry instead would wake a replica blocked in XREADGROUP
+-- at once, but would put the job behind every job submitted since (and change its entry, the
+-- token other steps name). JUSTID: no delivery counted.
+redis.call('XCLAIM', k.stream, group, pending[1][2], 0, entry, 'IDLE', ARGV[6], 'JUSTID')
+return 1
 """
 )
 

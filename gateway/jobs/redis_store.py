@@ -26,8 +26,12 @@ in ``redis_scripts.py``):
 Leases are the consumer group's pending entries: ``take`` claims entries idle longer than a
 lease (XAUTOCLAIM, a bounded number of pending entries per call, from where this store's last
 look stopped) before reading new ones (XREADGROUP), and ``renew`` resets an entry's idle time
-(XCLAIM to its own consumer). The store uses the caller's clock for the times it writes
-(``started_at``, expiry against ``expires_at``) and Redis's own for leases and retention.
+(XCLAIM to its own consumer). ``release`` gives a job back by setting its entry's idle time to
+a lease (XCLAIM ... IDLE): the entry keeps its place in the stream, and the next look for lapsed
+leases that reaches it, any replica's, claims it. A replica blocked in XREADGROUP meanwhile is
+not woken (only XADD wakes it): it looks at its next take, and a worker's take blocks a second
+at a time. The store uses the caller's clock for the times it writes (``started_at``, expiry
+against ``expires_at``) and Redis's own for leases and retention.
 
 The client must be a redis-py asyncio ``Redis`` or ``RedisCluster`` made with
 ``decode_responses=False`` (results are bytes). The store owns it: ``aclose`` closes it.
@@ -115,6 +119,7 @@ class RedisStore:
         self._submit = client.register_script(redis_scripts.SUBMIT)
         self._take = client.register_script(redis_scripts.TAKE)
         self._renew = client.register_script(redis_scripts.RENEW)
+        self._release = client.register_script(redis_scripts.RELEASE)
         self._finish = client.register_script(redis_scripts.FINISH)
         self._cancel = client.register_script(redis_scripts.CANCEL)
         self._due = client.register_script(redis_scripts.DUE)
@@ -389,6 +394,26 @@ class RedisStore:
             [self._tag, _GROUP, claim.token, claim.job.attempts, self._keep_ms],
         )
         return _job(reply, bodies=False) if reply else None
+
+    async def release(self, claim: Claim) -> None:
+        await self._connected()
+        job_id = claim.job.id
+        await self._script(
+            self._release,
+            [self._job_key(job_id), self._stream, self._queued, self._webhooks, self._unfinished],
+            [
+                self._tag,
+                _GROUP,
+                claim.token,
+                job_id,
+                claim.job.attempts,
+                self._lease_ms,
+                repr(self._clock()),
+                self._retention_ms,
+                CANCELLED.code,
+                CANCELLED.message,
+            ],
+        )
 
     async def finish(
         self,

@@ -102,6 +102,22 @@ class JobStore(Protocol):
         renewal. None when it is gone."""
         ...
 
+    async def release(self, claim: Claim) -> None:
+        """Give a taken job that did not start back to the queue at once (its worker stops
+        before running it): ``queued`` again, the attempt of this take not counted (``attempts``
+        and ``started_at`` as before it), takeable by any worker now rather than when the lease
+        would have lapsed, in its place in the queue (ahead of the jobs submitted after it).
+        Without this each stop of a process holding the job would count an attempt for a run
+        that never began, and a few rolling deploys would dead-letter it.
+
+        A job whose cancel was asked meanwhile is not queued again but ends ``cancelled`` (its
+        attempt not counted either), as a queued job's cancel ends it. A no-op when the claim
+        is no longer the current run's (its lease lapsed and the job was taken again: attempts
+        differ), when the job ended, or when it is gone. A claim given back is spent: its worker
+        uses it no more (once another worker took the job again, the attempts are the same as
+        the claim's, and the store could not tell a second release of it from that worker's)."""
+        ...
+
     async def finish(
         self,
         claim: Claim,

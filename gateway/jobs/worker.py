@@ -12,6 +12,11 @@ stored, and a ``cancel_requested`` there cancels the run, closing its upstream r
 the limits refused waits the time they said and runs again, lease kept: a queued job waits for
 capacity instead of failing with 429.
 
+What a stop costs: jobs running get ``jobs.shutdown_grace`` to finish; jobs held but not
+begun are given back to the queue at once (``release``), so another replica takes them without
+waiting out their leases, and without counting an attempt for a run that never began (else a
+few rolling deploys could dead-letter a job that never ran).
+
 What a crash costs: a process that dies mid-run leaves its jobs' leases to lapse; another
 worker takes them again (at-least-once runs). ``finish`` stores the first outcome only, so a job
 whose answer was stored is never stored twice, and a job taken again after its outcome was
@@ -26,6 +31,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 from gateway.config.jobs import JobsSettings
@@ -39,6 +45,9 @@ logger = logging.getLogger("gateway.jobs")
 _TAKE_BLOCK = 1.0
 # After the store failed (Redis down): wait before asking again, so a fault is not a busy loop.
 _STORE_PAUSE = 1.0
+# How long a stop waits, past the grace, for the store to take back the jobs not begun: a store
+# that is away leaves them to their leases, as before there was a release.
+_RELEASE_WAIT = 1.0
 
 
 class _Verdict(Enum):
@@ -53,6 +62,15 @@ def _verdict(claim: Claim, job: Job | None) -> _Verdict | None:
     if job.attempts != claim.job.attempts:
         return _Verdict.LOST
     return None
+
+
+@dataclass(slots=True)
+class _Held:
+    """A job this process took, and whether its run began (the runner was called): what
+    decides whether a stop gives it back to the queue."""
+
+    claim: Claim
+    began: bool = False
 
 
 def worker_name() -> str:
@@ -82,7 +100,8 @@ class JobWorkers:
         self._running = asyncio.Semaphore(settings.concurrency)
         self._per_key: dict[str, asyncio.Semaphore] = {}
         self._per_key_users: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each held job's task, and the job.
+        self._tasks: dict[asyncio.Task[None], _Held] = {}
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
         self._renew_every = min(settings.lease / 3, 0.5)
@@ -94,20 +113,50 @@ class JobWorkers:
             self._loop = asyncio.ensure_future(self._take_loop())
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop taking jobs; give the running ones ``grace`` seconds to finish, then cut them.
-        Jobs held but not started stay as they are: with Redis their leases lapse and another
-        replica runs them; in process they are lost with the process (docs/jobs.md)."""
+        """Stop taking jobs; give the running ones ``grace`` seconds to finish, then cut them
+        (their leases lapse and another replica runs them again, an attempt counted: they
+        began). Jobs held but not begun go back to the queue at once, their attempt not counted,
+        for another replica to take now; in process the queue goes with the process."""
         loop, self._loop = self._loop, None
+        # From here no run begins: ``_work`` looks at this between its last check and the
+        # runner, with no await in between, so the jobs not begun now never will be.
         self._stopping = True
+        # No await until the jobs not begun are known and cancelled: a task that saw
+        # ``_stopping`` first would end on its own, and its job never be given back. Nor does
+        # the loop, once cancelled, hold another job.
         if loop is not None:
             loop.cancel()
+        unbegun = [(task, held) for task, held in self._tasks.items() if not held.began]
+        for task, _ in unbegun:
+            # Nothing of it is lost: it waits for a slot or a renewal, or stores the cancel of a
+            # job cancelled before it began, which the release stores as well. Out of the held
+            # tasks, so that a second stop does not give the claim back twice (by then another
+            # worker may run the job under the same attempt count).
+            del self._tasks[task]
+            task.cancel()
+        # Given back before the grace, not after it: another replica may run them meanwhile.
+        releasing = asyncio.gather(*(self._release(held.claim) for _, held in unbegun))
+        if loop is not None:
             await asyncio.gather(loop, return_exceptions=True)
         if self._tasks and grace > 0:
             await asyncio.wait(list(self._tasks), timeout=grace)
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *(task for task, _ in unbegun)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with asyncio.timeout(_RELEASE_WAIT):
+                await releasing
+        except TimeoutError:
+            logger.warning("the store did not take back the jobs held: their leases lapse")
+
+    async def _release(self, claim: Claim) -> None:
+        try:
+            await self._store.release(claim)
+        except Exception:
+            # The store is away: the lease lapses and another worker takes the job then,
+            # counting one more attempt (as a stop did before there was a release).
+            logger.exception("giving job %s back to the queue failed", claim.job.id)
 
     async def _take_loop(self) -> None:
         while True:
@@ -125,17 +174,22 @@ class JobWorkers:
             if claim is None:
                 self._held.release()
                 continue
-            task = asyncio.ensure_future(self._hold(claim))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            held = _Held(claim)
+            task = asyncio.ensure_future(self._hold(held))
+            self._tasks[task] = held
+            task.add_done_callback(self._forget)
 
-    async def _hold(self, claim: Claim) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+
+    async def _hold(self, held: _Held) -> None:
+        claim = held.claim
         owner = claim.job.owner
         gate = self._per_key.get(owner)
         if gate is None:
             gate = self._per_key[owner] = asyncio.Semaphore(self._settings.per_key_concurrency)
         self._per_key_users[owner] = self._per_key_users.get(owner, 0) + 1
-        work = asyncio.ensure_future(self._work(claim, gate))
+        work = asyncio.ensure_future(self._work(held, gate))
         watch = asyncio.ensure_future(self._watch(claim, work))
         try:
             outcome = await work
@@ -144,7 +198,9 @@ class JobWorkers:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                raise  # the process stops: the job stays leased and is taken again
+                # The process stops: a job not begun was given back by ``stop``; a run cut
+                # keeps its lease, and is taken again when it lapses.
+                raise
             verdict = watch.result() if watch.done() and not watch.cancelled() else None
             if verdict is _Verdict.LOST:
                 return  # another worker runs it now: its outcome is the one to store
@@ -162,9 +218,10 @@ class JobWorkers:
             self._held.release()
         await self._finish(claim, outcome)
 
-    async def _work(self, claim: Claim, gate: asyncio.Semaphore) -> Outcome | None:
+    async def _work(self, held: _Held, gate: asyncio.Semaphore) -> Outcome | None:
         """The run's outcome; None when another worker took the job meanwhile, or the process
         stops before it started."""
+        claim = held.claim
         async with gate, self._running:
             self.running += 1
             try:
@@ -173,9 +230,12 @@ class JobWorkers:
                     # meanwhile must not reach the upstream at all.
                     verdict = await self._called_off(claim)
                     if verdict is _Verdict.LOST or self._stopping:
-                        return None  # not started: left as it is (see ``stop``)
+                        return None  # not started: ``stop`` gives it back
                     if verdict is _Verdict.ENDED:
                         return Outcome(Status.CANCELLED, None, CANCELLED)
+                    # Begun: a stop leaves it its grace and never gives it back. No await since
+                    # the look at ``_stopping``: a stop sees it begun, or it never begins.
+                    held.began = True
                     outcome = await self._runner.run(claim.job)
                     if outcome.wait is None:
                         return outcome

@@ -31,7 +31,14 @@ from gateway.jobs.model import (
     new_job_id,
 )
 from gateway.jobs.redis_store import RedisStore
-from gateway.jobs.store import EXPIRED, MAX_ATTEMPTS, JobStore, QueueFull, StoreSettings
+from gateway.jobs.store import (
+    CANCELLED,
+    EXPIRED,
+    MAX_ATTEMPTS,
+    JobStore,
+    QueueFull,
+    StoreSettings,
+)
 from tests.jobs.conftest import SETTINGS, Backend, FakeClock
 from tests.support.redisserver import RedisServer
 
@@ -253,6 +260,119 @@ async def test_renew_of_a_job_gone_is_none(backend: Backend) -> None:
     await a.finish(claim, Status.COMPLETED, RESULT, None, backend.now())
     await backend.advance(0.5)
     assert await a.renew(claim) is None
+
+
+# -- release -------------------------------------------------------------------------------
+
+
+async def test_a_released_job_is_taken_at_once_by_another_worker_without_an_attempt_counted(
+    backend: Backend,
+) -> None:
+    """A worker that stops gives back a job it took and did not start: queued again as it was
+    before the take, another worker takes it at once (no lease waited out, which the Redis
+    runs would otherwise need: no time passes here), first, and that run is its first."""
+    a, b = backend.replicas(settings(max_unfinished_per_key=2))
+    digest = "3c" * 32
+    submitted = await a.submit(
+        job(backend, webhook="https://hooks.example/jobs", idempotency=digest)
+    )
+    later = await a.submit(job(backend))
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    assert claim.job.id == submitted.id
+    assert await a.depth() == 1
+
+    await a.release(claim)
+    assert await b.get(submitted.id) == submitted  # queued, attempts 0, started_at None
+    assert await b.status(submitted.id) is Status.QUEUED
+    assert await b.depth() == 2
+    page, _ = await b.page("key:alice", status=Status.QUEUED, limit=10, after=None)
+    assert sorted(ids(page)) == sorted([submitted.id, later.id])
+    # Still one job, still counted once: the idempotency key answers with it, and the key
+    # has no room for a third job.
+    assert await b.submit(job(backend, idempotency=digest)) == submitted
+    with pytest.raises(QueueFull):
+        await b.submit(job(backend))
+
+    again = await b.take("worker-b", 0)
+    assert again is not None
+    assert again.job.id == submitted.id  # its place kept: before the job submitted after it
+    assert again.token == claim.token  # the same queue entry
+    assert again.job.attempts == 1
+    assert again.job.status is Status.IN_PROGRESS
+    assert again.job.started_at is not None
+    assert await a.depth() == 1
+    assert await a.renew(again) == state_only(again.job)
+    done = await b.finish(again, Status.COMPLETED, RESULT, None, backend.now())
+    assert done.attempts == 1
+    assert ids(await a.due_deliveries(backend.now(), 30, 10)) == [submitted.id]
+    await a.submit(job(backend))  # the finished job freed its place
+    nxt = await a.take("worker-a", 0)
+    assert nxt is not None
+    assert nxt.job.id == later.id
+
+
+@WAITS
+async def test_release_of_a_claim_that_is_no_longer_ours_changes_nothing(
+    backend: Backend,
+) -> None:
+    """A claim whose lease lapsed and whose job another worker took since, one whose job ended,
+    and one whose job is gone: each release leaves the store as it was."""
+    a, b = backend.replicas(settings(retention=0.3, max_unfinished_per_key=1))
+    submitted = await a.submit(job(backend))
+    stale = await a.take("worker-a", 0)
+    assert stale is not None
+    await backend.advance(LAPSE)
+    current = await b.take("worker-b", 0)
+    assert current is not None
+    assert current.job.attempts == 2
+
+    await a.release(stale)  # taken again since: worker-b's run now
+    assert await a.get(submitted.id) == current.job
+    assert await a.depth() == 0
+    assert await b.take("worker-c", 0) is None  # worker-b's lease holds: nothing given back
+    with pytest.raises(QueueFull):  # still counted, once
+        await a.submit(job(backend))
+
+    done = await b.finish(current, Status.COMPLETED, RESULT, None, backend.now())
+    await b.release(current)  # ended
+    await a.release(stale)
+    assert await a.get(submitted.id) == done
+    assert await a.depth() == 0
+    assert await b.take("worker-c", 0) is None
+
+    await backend.advance(0.4)  # past the retention: gone
+    assert await a.get(submitted.id) is None
+    await b.release(current)
+    assert await a.get(submitted.id) is None
+    fresh = await a.submit(job(backend))  # the bound counts nothing of it
+    taken = await b.take("worker-c", 0)
+    assert taken is not None
+    assert taken.job.id == fresh.id
+
+
+async def test_a_released_job_whose_cancel_was_asked_ends_cancelled(backend: Backend) -> None:
+    """Queued again it would only wait for a take to cancel it: it ends now, as the cancel of a
+    queued job does, and never runs."""
+    a, b = backend.replicas(settings(max_unfinished_per_key=1))
+    submitted = await a.submit(job(backend, webhook="https://hooks.example/jobs"))
+    claim = await a.take("worker-a", 0)
+    assert claim is not None
+    asked = await b.cancel(submitted.id, backend.now())
+    assert asked is not None
+    assert asked.cancel_requested
+    await a.release(claim)
+    ended = await b.get(submitted.id)
+    assert ended is not None
+    assert ended.status is Status.CANCELLED
+    assert ended.error == CANCELLED
+    assert ended.attempts == 0  # as a queued job's cancel leaves it: it never ran
+    assert ended.started_at is None
+    assert ended.webhook_state is WebhookState.PENDING
+    assert await a.depth() == 0
+    assert await b.take("worker-b", 0) is None
+    assert ids(await a.due_deliveries(backend.now(), 30, 10)) == [submitted.id]
+    await a.submit(job(backend))  # its place is free
 
 
 # -- finish --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The workers: a lost lease stops a run without storing anything; a stop lets running jobs
-finish within its grace. The runs go through a small ASGI app standing in for the relay, so
-that the test controls how long a run takes and sees when one is cut."""
+finish within its grace and gives the jobs held but not begun back to the queue. The runs go
+through a small ASGI app standing in for the relay, so that the test controls how long a run
+takes and sees when one is cut."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ async def test_stop_gives_running_jobs_their_grace_and_leaves_the_rest() -> None
     assert finished.status is Status.COMPLETED
     assert relay.begun == 1  # the held job was not started by a stopping process
     assert waiting is not None
-    assert not waiting.status.terminal
+    assert waiting.status is Status.QUEUED  # given back, its take not counted
+    assert waiting.attempts == 0
 
 
 async def test_stop_cuts_what_outlives_the_grace() -> None:
@@ -159,3 +161,52 @@ async def test_stop_cuts_what_outlives_the_grace() -> None:
     stored = await store.get(job.id)
     assert stored is not None
     assert stored.status is Status.IN_PROGRESS
+
+
+async def test_stop_releases_held_jobs_to_another_worker_at_once() -> None:
+    """A job held but not begun when its process stops goes back to the queue at once: another
+    worker runs it well within a lease, as its first attempt (the stop counts none), while the
+    stopping process's running job still has its grace."""
+    lease = 30.0  # what the second worker would wait for without the release
+    store = MemoryStore(StoreSettings(lease=lease, max_attempts=5, retention=60))
+    first_relay, second_relay = SlowRelay(1.0), SlowRelay(0.05)
+    first = JobWorkers(
+        store,
+        JobRunner(first_relay, 1 << 20),
+        settings(lease=lease, concurrency=1),  # holds two jobs, runs one
+        name="first",
+    )
+    second = JobWorkers(
+        store, JobRunner(second_relay, 1 << 20), settings(lease=lease), name="second"
+    )
+    running, held = await store.submit(a_job()), await store.submit(a_job())
+    first.start()
+    await wait_until(lambda: first_relay.begun == 1)
+    deadline = time.monotonic() + 5.0
+    while await store.status(held.id) is not Status.IN_PROGRESS:  # taken, waiting for a slot
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    second.start()  # finds nothing to take: both jobs are the first's
+    await asyncio.sleep(0.1)
+    assert second_relay.begun == 0
+
+    started = time.monotonic()
+    stopping = asyncio.ensure_future(first.stop(grace=5.0))
+    await wait_until(lambda: second_relay.finished == 1, timeout=2.0)
+    assert time.monotonic() - started < 1.0  # well under a lease
+    assert first_relay.finished == 0  # given back at the start of the stop, not after the grace
+    assert not stopping.done()
+    await stopping
+    await second.stop()
+
+    assert first_relay.begun == 1  # the held job was never started by the stopping process
+    ran = await store.get(held.id)
+    assert ran is not None
+    assert ran.status is Status.COMPLETED
+    assert ran.attempts == 1  # the first's take of it is not counted
+    assert ran.result is not None
+    assert ran.result.body == second_relay.bodies[0]
+    finished = await store.get(running.id)
+    assert finished is not None
+    assert finished.status is Status.COMPLETED  # within its grace
+    assert finished.attempts == 1
