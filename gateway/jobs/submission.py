@@ -2,7 +2,8 @@
 
 At submission the job meets every rule a synchronous request meets (the path, the route, the
 key and what it may use, the request rules, the model rules) and is refused at once with the
-same error if one refuses it. Its budgets and rate limits are charged when it runs, not now: a
+same error if one refuses it, a budget already spent included. Its budgets and rate limits
+are charged when it runs, not now: a
 job may wait in the queue long past any reservation's life, and a queued job is meant to wait
 for capacity rather than fail with 429 (docs/jobs.md). Neither is its concurrency slot taken at
 submission: the job takes it when it runs.
@@ -89,6 +90,7 @@ class Submitter:
         was used before, and that job is returned). Raises the refusal."""
         judged = await judge(runtime, scope, receive, context, held, None)
         principal = judged.principal
+        await _budget_left(runtime, principal.name)
         if asked.webhook_url is not None:
             if not self._webhooks_signed:
                 raise refusals.webhooks_not_configured()
@@ -143,6 +145,21 @@ class Submitter:
                 self._hosts.clear()  # bounded: lists come from the config, a few per gateway
             hosts = self._hosts[entries] = WebhookHosts.parse(entries)
         return hosts
+
+
+async def _budget_left(runtime: Runtime, key: str) -> None:
+    """Refuse at once a key whose budget is already spent, as its synchronous request is: a
+    reservation of nothing is refused only by a budget at or past its limit (the SPEND
+    script), and takes nothing, so nothing is given back. A job's own cost is reserved when it
+    runs. When the budgets cannot be read now (Redis away, ``on_failure: closed``), the job is
+    taken and its run decides."""
+    accounts = runtime.accounts
+    account = accounts.of(key)
+    if account is None or not account.budgets:
+        return
+    spend = await runtime.limiter.reserve(account.spend_plan(0, accounts.clock.now()))
+    if not spend.allowed and not spend.unavailable:
+        raise spend.error(accounts.clock.time())
 
 
 def kept_request_headers(headers: RawHeaders) -> RawHeaders:

@@ -706,3 +706,32 @@ async def test_a_key_with_too_many_unfinished_jobs_gets_a_429_and_the_rest_are_u
     assert refused.json()["error"]["code"] == "too_many_jobs"
     assert refused.headers["retry-after"] == "5"
     assert other.status == 202
+
+
+async def test_a_key_whose_budget_is_spent_is_refused_at_submission_as_synchronously() -> None:
+    thrifty = f"""
+  - name: thrifty
+    hash: "{hash_key("sk-gw-jobs-thrifty")}"
+    limits: {{budget: {{usd_per_day: 0.0001}}}}
+prices:
+  models:
+    gpt-x: {{input: 1, output: 10}}
+"""
+    usage = {
+        **ANSWER,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1000, "total_tokens": 1001},
+    }
+    upstream = StandInUpstream(lambda request: json_answer(usage))
+    body = orjson.dumps({"model": "gpt-x", "messages": [{"role": "user"}], "max_tokens": 1})
+    async with in_process_gateway(config("{}", thrifty), upstream) as app:
+        key = "sk-gw-jobs-thrifty"
+        first = await call(app, "POST", "/v1/chat/completions", headers=auth(key), body=body)
+        # 1,000 output tokens at $10/M: $0.01 spent of a $0.0001 budget.
+        sync = await call(app, "POST", "/v1/chat/completions", headers=auth(key), body=body)
+        job = await submit(app, key, body)
+        listed = await call(app, "GET", "/v1/jobs", headers=auth(key))
+    assert first.status == 200
+    assert sync.status == job.status == 429
+    assert job.json()["error"]["code"] == sync.json()["error"]["code"] == "budget_exceeded"
+    assert listed.json()["data"] == []
+    assert len(upstream.requests) == 1
