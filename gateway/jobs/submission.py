@@ -3,10 +3,9 @@
 At submission the job meets every rule a synchronous request meets (the path, the route, the
 key and what it may use, the request rules, the model rules) and is refused at once with the
 same error if one refuses it, a budget already spent included. Its budgets and rate limits
-are charged when it runs, not now: a
-job may wait in the queue long past any reservation's life, and a queued job is meant to wait
-for capacity rather than fail with 429 (docs/jobs.md). Neither is its concurrency slot taken at
-submission: the job takes it when it runs.
+are charged when it runs, not now: a job may wait in the queue long past any reservation's
+life, and a queued job is meant to wait for capacity rather than fail with 429 (docs/jobs.md).
+Neither is its concurrency slot taken at submission: the job takes it when it runs.
 
 The job keeps the request as it came (method, raw path, query, body, headers), without the
 caller's credentials: the key is kept by name only (``jobs/scope.py``).
