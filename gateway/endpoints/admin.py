@@ -41,7 +41,8 @@ import orjson
 from gateway import errors
 from gateway.accounting.report import parse_query, usage_report
 from gateway.auth import basic_password, presented_key
-from gateway.jobs.refusals import job_not_found
+from gateway.endpoints.jobs import STORE_FAILURES
+from gateway.jobs.refusals import job_not_found, store_unavailable
 from gateway.jobs.service import uses_redis
 from gateway.jobs.views import job_view
 from gateway.limits.redis_limiter import FAILURES
@@ -323,7 +324,10 @@ async def _jobs(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, A
         return {"enabled": False, "pid": os.getpid()}
     wanted = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("id")
     if wanted:
-        job = await jobs.store.get(wanted[0])
+        try:
+            job = await jobs.store.get(wanted[0])
+        except STORE_FAILURES:
+            raise store_unavailable() from None
         if job is None:
             raise job_not_found(wanted[0])
         # What an operator needs to follow a job, not its content: no bodies, and the webhook

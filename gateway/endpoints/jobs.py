@@ -19,6 +19,7 @@ submission return the first job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.auth import Principal
@@ -44,7 +46,11 @@ from gateway.pipeline.admission import Held
 from gateway.runtime import Runtime
 from gateway.types import Message, RawHeaders, Receive, Scope, Send
 
+logger = logging.getLogger("gateway.jobs")
+
 PREFIX = JOBS_PREFIX
+# What a store that cannot be reached raises (redis-py's errors, sockets): a 503, not a 500.
+STORE_FAILURES = (RedisError, OSError)
 _JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,80})(/result|/cancel)?$")
 _WEBHOOK_HEADER = b"x-gateway-webhook-url"
 _JSON = (b"content-type", b"application/json")
@@ -114,6 +120,10 @@ class JobsApi:
                 return
             except ClientDisconnected:
                 context.client_gone = True
+                return
+            except STORE_FAILURES:
+                logger.warning("a job submission could not reach the job store")
+                await refusals.store_unavailable().send(send, held.extra)
                 return
         finally:
             held.release()
@@ -216,6 +226,9 @@ class JobsApi:
                 raise errors.method_not_allowed(method, relative, ("GET", "HEAD", "DELETE"))
         except errors.GatewayError as refusal:
             await refusal.send(send)
+        except STORE_FAILURES:
+            logger.warning("a jobs API call could not reach the job store")
+            await refusals.store_unavailable().send(send)
 
     def _caller(self, scope: Scope) -> Principal:
         principal = self._runtime().keys.authenticate(scope["headers"])

@@ -55,3 +55,14 @@ def too_many_jobs(limit: int) -> GatewayError:
         code="too_many_jobs",
         headers=[(b"retry-after", b"5")],
     )
+
+
+def store_unavailable() -> GatewayError:
+    # The jobs store (Redis) cannot be reached now: nothing was stored or read; try again.
+    return GatewayError(
+        503,
+        "The job store cannot be reached right now; try again shortly.",
+        type="api_error",
+        code="jobs_unavailable",
+        headers=[(b"retry-after", b"1")],
+    )

@@ -45,6 +45,7 @@ logger = logging.getLogger("gateway.jobs")
 _TAKE_BLOCK = 1.0
 # After the store failed (Redis down): wait before asking again, so a fault is not a busy loop.
 _STORE_PAUSE = 1.0
+_STORE_PAUSE_MAX = 10.0
 # How long a stop waits, past the grace, for the store to take back the jobs not begun: a store
 # that is away leaves them to their leases, as before there was a release.
 _RELEASE_WAIT = 1.0
@@ -159,6 +160,7 @@ class JobWorkers:
             logger.exception("giving job %s back to the queue failed", claim.job.id)
 
     async def _take_loop(self) -> None:
+        failures = 0
         while True:
             await self._held.acquire()
             try:
@@ -166,11 +168,20 @@ class JobWorkers:
             except asyncio.CancelledError:
                 self._held.release()
                 raise
-            except Exception:
+            except Exception as exc:
                 self._held.release()
-                logger.exception("taking a job from the store failed")
-                await asyncio.sleep(_STORE_PAUSE)
+                # An outage is said once, with its cause; then once a minute while it lasts
+                # (every second would bury the log), backing off up to ten seconds a try.
+                if failures == 0:
+                    logger.exception("taking a job from the store failed; retrying")
+                elif failures % 60 == 0:
+                    logger.warning("the job store still fails (%s)", type(exc).__name__)
+                failures += 1
+                await asyncio.sleep(min(_STORE_PAUSE * failures, _STORE_PAUSE_MAX))
                 continue
+            if failures:
+                logger.info("the job store answers again")
+                failures = 0
             if claim is None:
                 self._held.release()
                 continue
