@@ -434,7 +434,11 @@ class Gateway:
         return {"reloaded": ok, "workers": results}
 
     async def _openapi(self, request: Request) -> Response:
-        document = openapi_document(self.runtime().routes, request.scope.get("root_path", ""))
+        document = openapi_document(
+            self.runtime().routes,
+            request.scope.get("root_path", ""),
+            jobs=self._jobs_api is not None,
+        )
         return Response(orjson.dumps(document), media_type="application/json")
 
 

@@ -32,3 +32,18 @@ def test_forwarded_prefix_from_trusted_proxy_shows_in_openapi_servers(
         f"{gateway.url}/openapi.json", headers={"x-forwarded-prefix": "/llm"}
     ).json()
     assert document["servers"] == [{"url": "/llm"}]
+
+
+def test_openapi_describes_the_jobs_api_and_prefer_on_every_route(gateway: GatewayProcess) -> None:
+    document = httpx.get(f"{gateway.url}/openapi.json").json()
+    paths = document["paths"]
+    assert set(paths["/v1/jobs"]) == {"get", "post"}
+    assert set(paths["/v1/jobs/{job_id}"]) == {"get", "delete"}
+    assert "get" in paths["/v1/jobs/{job_id}/result"]
+    assert "post" in paths["/v1/jobs/{job_id}/cancel"]
+    chat = paths["/v1/chat/completions"]["post"]
+    assert any(p["name"] == "Prefer" and p["in"] == "header" for p in chat["parameters"])
+    assert chat["responses"]["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Job"
+    }
+    assert "Job" in document["components"]["schemas"]
