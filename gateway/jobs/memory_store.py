@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import heapq
 import itertools
 import time
@@ -163,11 +164,10 @@ class MemoryStore:
                 lapse = min(lease.until for lease in self._leases.values()) - self._clock()
                 remaining = min(remaining, max(lapse, 0.001))
             self._arrived.clear()
-            try:
+            # The wait ends by an arrival or by its time; either way the loop looks again.
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._arrived.wait()
-            except TimeoutError:
-                pass
 
     async def renew(self, claim: Claim) -> Job | None:
         """Only the current run's lease is renewed: a claim whose lease lapsed and whose job was

@@ -46,7 +46,7 @@ with the cluster. The queue cannot be split across slots anyway (one stream, one
 from __future__ import annotations
 
 # Helpers every script gets. ``tag`` is ARGV[1] in every script.
-_PRELUDE = """
+PRELUDE = """
 local tag = ARGV[1]
 local function jobkey(id) return tag .. ':job:' .. id end
 -- What renew reads of a job: its state without the request body or the result, which a
@@ -128,7 +128,7 @@ end
 # max_unfinished_per_key. Returns {1} when stored, {0, hash} when the idempotency key names a
 # retained job, {2} when the owner has max_unfinished_per_key jobs not finished (nothing stored).
 SUBMIT = (
-    _PRELUDE
+    PRELUDE
     + """
 local key, stream, queued, idem, unfinished = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, owner = ARGV[2], ARGV[11]
@@ -178,7 +178,7 @@ return {1}
 # Returns {cursor} when no job was taken, {cursor, entry, hash} of the job now running; the
 # cursor is where the next look for lapsed leases starts ('' in mode 'entry').
 TAKE = (
-    _PRELUDE
+    PRELUDE
     + """
 local stream, queued, webhooks, unfinished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local k = {stream = stream, queued = queued, webhooks = webhooks, unfinished = unfinished}
@@ -272,7 +272,7 @@ return {cursor}
 # KEYS: job, stream. ARGV: tag, group, entry, attempts (the claim's), keep_ms.
 # Returns the job's STATE fields (no request body, no result), or false when it is gone.
 RENEW = (
-    _PRELUDE
+    PRELUDE
     + """
 local key, stream = KEYS[1], KEYS[2]
 local group, entry = ARGV[2], ARGV[3]
@@ -301,7 +301,7 @@ return fields(key, STATE)
 # Returns 1 when the job went back to the queue (or, its cancel asked, ended), 0 when the claim
 # was no longer the current run's, or the job had ended or is gone (nothing changed).
 RELEASE = (
-    _PRELUDE
+    PRELUDE
     + """
 local key = KEYS[1]
 local k = {stream = KEYS[2], queued = KEYS[3], webhooks = KEYS[4], unfinished = KEYS[5]}
@@ -345,7 +345,7 @@ return 1
 # retention_ms, with_result, result status, result headers, result body, with_error, error
 # code, message. Returns the job's hash as stored after, or false when it is gone.
 FINISH = (
-    _PRELUDE
+    PRELUDE
     + """
 local key, stream, queued, webhooks, unfinished = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local k = {stream = stream, queued = queued, webhooks = webhooks, unfinished = unfinished}
@@ -374,7 +374,7 @@ return redis.call('HGETALL', key)
 # cancelled error's code and message.
 # Returns the job's hash as stored after, or false when it is unknown.
 CANCEL = (
-    _PRELUDE
+    PRELUDE
     + """
 local key = KEYS[1]
 local k = {stream = KEYS[2], queued = KEYS[3], webhooks = KEYS[4], unfinished = KEYS[5]}
@@ -392,67 +392,6 @@ return redis.call('HGETALL', key)
 """
 )
 
-# KEYS: webhooks. ARGV: tag, now, now + lease, limit, keep_ms (lease + retention: a leased
-# delivery is due again when its lease ends, and its record lives a retention past that).
-# Returns the hashes of the jobs leased.
-DUE = (
-    _PRELUDE
-    + """
-local webhooks = KEYS[1]
-local limit = tonumber(ARGV[4])
-local out = {}
--- Each id met is either leased (its score moves past now) or dropped, so this ends.
-while #out < limit do
-  local ids = redis.call('ZRANGEBYSCORE', webhooks, '-inf', ARGV[2], 'LIMIT', 0, limit - #out)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
-    local key = jobkey(id)
-    if redis.call('HGET', key, 'webhook') == 'pending' then
-      redis.call('ZADD', webhooks, ARGV[3], id)
-      extend_ttl(key, ARGV[5])
-      out[#out + 1] = redis.call('HGETALL', key)
-    else
-      redis.call('ZREM', webhooks, id)  -- expired, or its schedule ended
-    end
-  end
-end
-return out
-"""
-)
-
-# KEYS: job, webhooks. ARGV: tag, id, delivery (a JSON array), state, next_at ('' for none),
-# keep_ms (from now to next_at, plus the retention; '' without next_at).
-# Returns the job's hash as stored after, or false when it is gone.
-DELIVERED = (
-    _PRELUDE
-    + """
-local key, webhooks, id = KEYS[1], KEYS[2], ARGV[2]
-if redis.call('EXISTS', key) == 0 then
-  redis.call('ZREM', webhooks, id)
-  return false
-end
-local done = redis.call('HGET', key, 'deliveries')
-if done then
-  done = string.sub(done, 1, -2) .. ',' .. ARGV[3] .. ']'
-else
-  done = '[' .. ARGV[3] .. ']'
-end
-redis.call('HSET', key, 'deliveries', done, 'webhook', ARGV[4])
-if ARGV[4] == 'pending' then
-  -- Without a time the schedule stays as due_deliveries left it: due again when its lease ends.
-  if ARGV[5] ~= '' then
-    redis.call('ZADD', webhooks, ARGV[5], id)
-    -- A schedule may reach past the retention (8 attempts span ~31.6 h by default): the record
-    -- and its idempotency key live until a retention after the next attempt.
-    extend_ttl(key, ARGV[6])
-  end
-else
-  redis.call('ZREM', webhooks, id)
-end
-return redis.call('HGETALL', key)
-"""
-)
-
 # KEYS: index. ARGV: tag, after ('' for the newest), count (ids to read), want (records to
 # return at most), status ('' for any). Returns false when ``after`` is not in the index, else
 # {ended, last, hash...}: whether the index ended within these ids, the last retained id read
@@ -461,7 +400,7 @@ return redis.call('HGETALL', key)
 # read (HGET status), so a record that does not match is never sent, and the records stop at
 # ``want``. Ids whose record expired are dropped from the index as they are met.
 PAGE = (
-    _PRELUDE
+    PRELUDE
     + """
 local index = KEYS[1]
 local count, want, status = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
@@ -502,7 +441,7 @@ return out
 # Only consumers with no pending entry go, so no lease is lost; one that was merely quiet is
 # made again by its next XREADGROUP.
 FORGET_CONSUMERS = (
-    _PRELUDE
+    PRELUDE
     + """
 local removed = 0
 for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])) do

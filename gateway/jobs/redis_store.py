@@ -1,27 +1,8 @@
 """Jobs in Redis, shared by every replica: a Redis Streams queue with one consumer group.
 
-Keys (every one behind the hash tag ``{<prefix>}``, so all in one Cluster slot; the trade-off is
-in ``redis_scripts.py``):
-
-- ``<tag>:queue``: the stream, one entry per submitted job (``id`` -> the job id), read by the
-  consumer group ``workers``; a replica's worker is a consumer. An entry is acknowledged and
-  deleted when its job ends, so the stream holds the jobs queued and running. The stream and
-  its group are made by the first submit: a gateway that never saw a job writes no key.
-- ``<tag>:job:<id>``: the job, a hash (layout in ``redis_scripts.py``; the request body in a
-  field of its own, so that ``renew`` and ``page`` skip it). Its TTL: while queued
-  ``expires_at`` + retention (a job nobody took still ends), while running at least lease +
-  retention (kept by renewals), once finished ``retention``, and while its webhook is pending
-  at least until a retention after the next delivery is due.
-- ``<tag>:idem:<owner>:<sha256>``: the job id of an idempotency key, living as long as its job.
-- ``<tag>:index:key:<name>``, ``<tag>:index:team:<name>``: sorted sets, id scored by
-  ``created_at``, for ``page``.
-- ``<tag>:queued``: the set of ids still queued: ``depth`` is its size. A set rather than a
-  counter, because a record can expire unseen and only an idempotent SREM by id can then correct
-  the count; and rather than the group's ``lag`` (XINFO GROUPS, Redis 7), which is unknown
-  (nil) once an entry not yet read was deleted, as the cancel of a queued job deletes its own.
-- ``<tag>:webhooks``: the delivery schedule, id scored by the time the next delivery is due.
-- ``<tag>:unfinished``: a hash, owner -> its jobs not finished yet, for
-  ``max_unfinished_per_key`` (how it stays right when records expire: ``redis_scripts.py``).
+Keys: every one behind the hash tag ``{<prefix>}``, so all in one Cluster slot (the trade-off
+is in ``redis_scripts.py``); the list, with what each holds and how long, is in docs/jobs.md
+("Redis keys"), the job hash's fields in ``redis_scripts.py``.
 
 Leases are the consumer group's pending entries: ``take`` claims entries idle longer than a
 lease (XAUTOCLAIM, a bounded number of pending entries per call, from where this store's last
@@ -40,10 +21,9 @@ The client must be a redis-py asyncio ``Redis`` or ``RedisCluster`` made with
 from __future__ import annotations
 
 import asyncio
-import base64
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from gateway.jobs import redis_scripts
+from gateway.jobs import redis_scripts, redis_webhook_scripts
 from gateway.jobs.memory_store import fresh, indexes
 from gateway.jobs.model import (
     Delivery,
@@ -61,6 +41,12 @@ from gateway.jobs.model import (
     JobResult,
     Status,
     WebhookState,
+)
+from gateway.jobs.redis_records import (
+    headers_json,
+    job_of,
+    stream_entries,
+    text,
 )
 from gateway.jobs.store import (
     CANCELLED,
@@ -122,8 +108,8 @@ class RedisStore:
         self._release = client.register_script(redis_scripts.RELEASE)
         self._finish = client.register_script(redis_scripts.FINISH)
         self._cancel = client.register_script(redis_scripts.CANCEL)
-        self._due = client.register_script(redis_scripts.DUE)
-        self._delivered = client.register_script(redis_scripts.DELIVERED)
+        self._due = client.register_script(redis_webhook_scripts.DUE)
+        self._delivered = client.register_script(redis_webhook_scripts.DELIVERED)
         self._page = client.register_script(redis_scripts.PAGE)
         self._forget = client.register_script(redis_scripts.FORGET_CONSUMERS)
         self._forget_after_ms = max(1, math.ceil(forget_consumers_after * 1000))
@@ -239,7 +225,7 @@ class RedisStore:
         )
         outcome = int(reply[0])
         if outcome == 0:
-            return _job(reply[1])
+            return job_of(reply[1])
         if outcome == 2:
             raise QueueFull(job.owner, limit)
         return job
@@ -247,12 +233,12 @@ class RedisStore:
     async def get(self, job_id: str) -> Job | None:
         await self._connected()
         found = await self._client.hgetall(self._job_key(job_id))
-        return _job(found) if found else None
+        return job_of(found) if found else None
 
     async def status(self, job_id: str) -> Status | None:
         await self._connected()
         found = await self._client.hget(self._job_key(job_id), "status")
-        return None if found is None else Status(_text(found))
+        return None if found is None else Status(text(found))
 
     async def page(
         self, index: str, *, status: Status | None, limit: int, after: str | None
@@ -273,11 +259,11 @@ class RedisStore:
             reply = await self._page(keys=[key], args=[self._tag, cursor, batch, want, wanted])
             if not reply:  # the cursor is not in the index (expired, even between two batches)
                 return jobs, False
-            ended, last, records = int(reply[0]) == 1, _text(reply[1]), reply[2:]
+            ended, last, records = int(reply[0]) == 1, text(reply[1]), reply[2:]
             for record in records:
                 if len(jobs) == limit:
                     return jobs, True
-                jobs.append(_job(record, bodies=False))
+                jobs.append(job_of(record, bodies=False))
             if ended:
                 return jobs, False
             cursor = last or cursor
@@ -301,7 +287,7 @@ class RedisStore:
                 CANCELLED.message,
             ],
         )
-        return _job(reply) if reply else None
+        return job_of(reply) if reply else None
 
     async def take(self, worker: str, block: float) -> Claim | None:
         await self._connected()
@@ -350,7 +336,7 @@ class RedisStore:
                 raise
             self._ready = False
             return []
-        return _stream_entries(reply)
+        return stream_entries(reply)
 
     async def _take_one(self, worker: str, mode: str, entry: str, job_id: str) -> Claim | None:
         settings = self._settings
@@ -381,10 +367,10 @@ class RedisStore:
             ],
         )
         if lapsed:
-            self._claim_cursor = _text(reply[0])
+            self._claim_cursor = text(reply[0])
         if len(reply) == 1:
             return None
-        return Claim(job=_job(reply[2]), token=_text(reply[1]))
+        return Claim(job=job_of(reply[2]), token=text(reply[1]))
 
     async def renew(self, claim: Claim) -> Job | None:
         await self._connected()
@@ -393,7 +379,7 @@ class RedisStore:
             [self._job_key(claim.job.id), self._stream],
             [self._tag, _GROUP, claim.token, claim.job.attempts, self._keep_ms],
         )
-        return _job(reply, bodies=False) if reply else None
+        return job_of(reply, bodies=False) if reply else None
 
     async def release(self, claim: Claim) -> None:
         await self._connected()
@@ -440,7 +426,7 @@ class RedisStore:
                 self._retention_ms,
                 "1" if result is not None else "",
                 result.status if result is not None else "",
-                _headers_json(result.headers) if result is not None else "",
+                headers_json(result.headers) if result is not None else "",
                 result.body if result is not None else b"",
                 "1" if error is not None else "",
                 error.code if error is not None else "",
@@ -448,7 +434,7 @@ class RedisStore:
             ],
         )
         if reply:
-            return _job(reply)
+            return job_of(reply)
         # The record is gone (it outlived its retention unrenewed): nothing is stored, and the
         # caller gets the outcome it asked for, as it would have been stored.
         return claim.job.but(
@@ -469,7 +455,7 @@ class RedisStore:
         reply = await self._due(
             keys=[self._webhooks], args=[self._tag, repr(now), repr(now + lease), limit, keep_ms]
         )
-        return [_job(record) for record in reply]
+        return [job_of(record) for record in reply]
 
     async def delivered(
         self, job_id: str, delivery: Delivery, state: WebhookState, next_at: float | None
@@ -493,7 +479,7 @@ class RedisStore:
                 keep_ms,
             ],
         )
-        return _job(reply) if reply else None
+        return job_of(reply) if reply else None
 
     async def depth(self) -> int:
         await self._connected()
@@ -502,87 +488,6 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-# -- records ------------------------------------------------------------------------------
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _headers_json(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Headers as Job.dumps writes them: pairs of base64 strings (a header may hold any byte)."""
-    return orjson.dumps([[_b64(name), _b64(value)] for name, value in headers])
-
-
-def _headers(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((_unb64(name), _unb64(value)) for name, value in orjson.loads(data))
-
-
-def _b64(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
-
-
-def _unb64(value: str) -> bytes:
-    return base64.b64decode(value)
-
-
-def _job(reply: Any, *, bodies: bool = True) -> Job:
-    """A job from a hash: HGETALL's dict, or a script's flat list of fields and values.
-    ``bodies`` False: a read that left the bodies out (RENEW, PAGE): the request body is empty,
-    a result (if read) has an empty body."""
-    if isinstance(reply, dict):
-        fields: dict[bytes, bytes] = reply
-    else:
-        fields = dict(zip(reply[::2], reply[1::2], strict=True))
-    started = fields.get(b"started_at")
-    finished = fields.get(b"finished_at")
-    result = None
-    if b"result_status" in fields:
-        result = JobResult(
-            int(fields[b"result_status"]),
-            _headers(fields[b"result_headers"]),
-            fields.get(b"result_body", b"") if bodies else b"",
-        )
-    stored = Job.loads(fields[b"job"])
-    # A record written before the body had its own field keeps it in ``job``.
-    body = fields.get(b"body", stored.request.body) if bodies else b""
-    error = None
-    if b"error_code" in fields:
-        error = JobError(fields[b"error_code"].decode(), fields[b"error_message"].decode())
-    deliveries = fields.get(b"deliveries")
-    return stored.but(
-        request=replace(stored.request, body=body),
-        status=Status(fields[b"status"].decode()),
-        attempts=int(fields[b"attempts"]),
-        started_at=None if started is None else float(started),
-        finished_at=None if finished is None else float(finished),
-        cancel_requested=fields.get(b"cancel") == b"1",
-        result=result,
-        error=error,
-        webhook_state=WebhookState(fields[b"webhook"].decode()),
-        deliveries=()
-        if deliveries is None
-        else tuple(Delivery(*entry) for entry in orjson.loads(deliveries)),
-    )
-
-
-def _stream_entries(reply: Any) -> list[tuple[str, str]]:
-    """(entry id, job id) from XREADGROUP's answer, in each shape redis-py gives it: a list of
-    [stream, entries] (RESP2), or a dict of stream -> entries (RESP3)."""
-    if not reply:
-        return []
-    groups = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
-    out: list[tuple[str, str]] = []
-    for entries in groups:
-        # redis-py's older RESP3 parser wraps a stream's entries in one more list.
-        if entries and isinstance(entries[0], list) and isinstance(entries[0][0], tuple | list):
-            entries = entries[0]
-        for entry, fields in entries:
-            if fields:
-                out.append((_text(entry), _text(fields[b"id"])))
-    return out
 
 
 def _socket_timeout(client: Redis | RedisCluster) -> float | None:
