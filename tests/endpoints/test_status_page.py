@@ -216,6 +216,12 @@ def _check_page(
         assert "none (no Redis)" in limits
         assert re.search(r"Degraded decisions\s+0\b", limits), limits
 
+        # Jobs: in process here, nothing queued, webhooks off (no signing secret).
+        jobs = text("#jobs")
+        assert "in process (lost on restart)" in jobs
+        assert re.search(r"Queued\s+0\b", jobs), jobs
+        assert "off (no signing secret)" in jobs
+
         # Nothing secret anywhere in the document, script included.
         source = driver.page_source
         for secret in (ADMIN_KEY, DEMO_KEY, NARROW_KEY, ML_KEY, UPSTREAM_KEY):
