@@ -85,8 +85,8 @@ class JobsSettings(Model):
     lease: PositiveSeconds = Field(
         30.0,
         description="Seconds a running job stays with its replica without a sign of life "
-        "(renewed three times a lease); a replica that dies leaves its jobs to another after "
-        "this. Default 30.",
+        "(renewed every third of this, at most every half second); a replica that dies leaves "
+        "its jobs to another after this. Default 30.",
     )
     max_attempts: int = Field(
         3,

@@ -42,8 +42,8 @@ from gateway import errors
 from gateway.accounting.report import parse_query, usage_report
 from gateway.auth import basic_password, presented_key
 from gateway.endpoints.jobs import STORE_FAILURES
+from gateway.jobs.redis_store import RedisStore
 from gateway.jobs.refusals import job_not_found, store_unavailable
-from gateway.jobs.service import uses_redis
 from gateway.jobs.views import job_view
 from gateway.limits.redis_limiter import FAILURES
 from gateway.types import Receive, Scope, Send
@@ -339,7 +339,8 @@ async def _jobs(gateway: Gateway, scope: Scope, receive: Receive) -> dict[str, A
     settings = jobs.settings
     return {
         "enabled": True,
-        "store": "redis" if uses_redis(gateway.runtime().config) else "memory",
+        # The store in use, not the config's wish: the redis section applies at a restart.
+        "store": "redis" if isinstance(jobs.store, RedisStore) else "memory",
         "concurrency": settings.concurrency,
         "per_key_concurrency": settings.per_key_concurrency,
         "max_queued_per_key": settings.max_queued_per_key,

@@ -130,7 +130,12 @@ class JobsApi:
         if created and self._submitted is not None:
             self._submitted()
         if wait is not None and not job.status.terminal:
-            job = await self._wait_for_end(job, min(wait, self._service.settings.max_wait))
+            try:
+                job = await self._wait_for_end(job, min(wait, self._service.settings.max_wait))
+            except STORE_FAILURES:
+                # The job exists: the client gets its 202 and id, as last known, not an error
+                # that would make it submit again.
+                logger.warning("waiting on job %s could not reach the job store", job.id)
         if job.status.terminal and job.result is not None and wait is not None:
             # RFC 7240 §4.3: answered within the wait, the answer itself, synchronously.
             await _send_result(send, job)

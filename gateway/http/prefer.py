@@ -46,11 +46,6 @@ def preferences(headers: RawHeaders) -> Preferences | None:
     return Preferences(respond_async, wait)
 
 
-def prefers_async(headers: RawHeaders) -> bool:
-    found = preferences(headers)
-    return found is not None and found.respond_async
-
-
 def _seconds(text: str) -> float | None:
     # delta-seconds (RFC 9110 §1.2.1 via RFC 7240 §4.3): digits only.
     # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.

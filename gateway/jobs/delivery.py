@@ -109,12 +109,20 @@ class WebhookDeliveries:
         await self._sender.aclose()
 
     async def _poll_forever(self) -> None:
+        failures = 0
         while True:
             try:
                 await self.poll()
             except Exception:
                 # The store is unreachable (Redis down) or failed: the next poll tries again.
-                logger.exception("webhook deliveries: polling the store failed")
+                # Said once with its cause, then every 300th failed poll (about a minute).
+                if failures % 300 == 0:
+                    logger.exception("webhook deliveries: polling the store failed")
+                failures += 1
+            else:
+                if failures:
+                    logger.info("webhook deliveries: the store answers again")
+                failures = 0
             await asyncio.sleep(self._poll_interval)
 
     async def poll(self) -> int:

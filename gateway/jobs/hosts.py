@@ -309,10 +309,6 @@ class WebhookHosts:
                 raise ValueError(f"entry {index} ({text!r}) {exc}") from None
         return cls(entries)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.entries)
-
     def __repr__(self) -> str:
         return f"WebhookHosts({[entry.text for entry in self.entries]!r})"
 

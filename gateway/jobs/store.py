@@ -105,7 +105,7 @@ class JobStore(Protocol):
     async def release(self, claim: Claim) -> None:
         """Give a taken job that did not start back to the queue at once (its worker stops
         before running it): ``queued`` again, the attempt of this take not counted (``attempts``
-        and ``started_at`` as before it), takeable by any worker now rather than when the lease
+        as before it, ``started_at`` cleared), takeable by any worker now rather than when the lease
         would have lapsed, in its place in the queue (ahead of the jobs submitted after it).
         Without this each stop of a process holding the job would count an attempt for a run
         that never began, and a few rolling deploys would dead-letter it.

@@ -25,6 +25,7 @@ from gateway.jobs.hosts import WebhookHosts
 from gateway.jobs.model import Job, JobRequest, Status, WebhookState, new_job_id
 from gateway.jobs.store import JobStore, QueueFull
 from gateway.pipeline.admission import Held, judge
+from gateway.pipeline.model_rules import Resolved
 from gateway.routing import relative_raw_path
 from gateway.runtime import Runtime
 from gateway.types import RawHeaders, Receive, Scope
@@ -89,7 +90,8 @@ class Submitter:
         was used before, and that job is returned). Raises the refusal."""
         judged = await judge(runtime, scope, receive, context, held, None)
         principal = judged.principal
-        await _budget_left(runtime, principal.name)
+        if judged.resolved.model is not None:
+            await _budget_left(runtime, principal.name, judged.resolved, context)
         if asked.webhook_url is not None:
             if not self._webhooks_signed:
                 raise refusals.webhooks_not_configured()
@@ -146,18 +148,24 @@ class Submitter:
         return hosts
 
 
-async def _budget_left(runtime: Runtime, key: str) -> None:
-    """Refuse at once a key whose budget is already spent, as its synchronous request is: a
-    reservation of nothing is refused only by a budget at or past its limit (the SPEND
-    script), and takes nothing, so nothing is given back. A job's own cost is reserved when it
-    runs. When the budgets cannot be read now (Redis away, ``on_failure: closed``), the job is
-    taken and its run decides."""
+async def _budget_left(
+    runtime: Runtime, key: str, resolved: Resolved, context: RequestContext
+) -> None:
+    """Refuse at once a key whose budget is already spent, as its synchronous request is (and
+    only where it is: a request naming a priced model, ``admission._reserve_budget``): a
+    reservation of nothing is refused only by a budget at or past its limit (the SPEND script),
+    and takes nothing, so nothing is given back. A job's own cost is reserved when it runs.
+    When the budgets cannot be read now (Redis away, ``on_failure: closed``), the job is taken
+    and its run decides."""
     accounts = runtime.accounts
     account = accounts.of(key)
     if account is None or not account.budgets:
         return
+    if accounts.prices.price(resolved.renamed, resolved.model) is None:
+        return
     spend = await runtime.limiter.reserve(account.spend_plan(0, accounts.clock.now()))
     if not spend.allowed and not spend.unavailable:
+        context.limit, context.limit_reason = "refused", "budget"
         raise spend.error(accounts.clock.time())
 
 

@@ -123,10 +123,9 @@ class JobWorkers:
         # runner, with no await in between, so the jobs not begun now never will be.
         self._stopping = True
         # No await until the jobs not begun are known and cancelled: a task that saw
-        # ``_stopping`` first would end on its own, and its job never be given back. Nor does
-        # the loop, once cancelled, hold another job.
-        if loop is not None:
-            loop.cancel()
+        # ``_stopping`` first would end on its own, and its job never be given back. The take
+        # loop is not cancelled: a take cut short could lose a job Redis already handed over;
+        # it ends after its current take (a second at most) and gives back what that took.
         unbegun = [(task, held) for task, held in self._tasks.items() if not held.began]
         for task, _ in unbegun:
             # Nothing of it is lost: it waits for a slot or a renewal, or stores the cancel of a
@@ -138,6 +137,10 @@ class JobWorkers:
         # Given back before the grace, not after it: another replica may run them meanwhile.
         releasing = asyncio.gather(*(self._release(held.claim) for _, held in unbegun))
         if loop is not None:
+            # Its take ends within a block; a loop still waiting after that waits for a held
+            # slot, with no take under way: cancelling it then loses nothing.
+            await asyncio.wait({loop}, timeout=_TAKE_BLOCK + 1.0)
+            loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
         if self._tasks and grace > 0:
             await asyncio.wait(list(self._tasks), timeout=grace)
@@ -161,8 +164,11 @@ class JobWorkers:
 
     async def _take_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             await self._held.acquire()
+            if self._stopping:
+                self._held.release()
+                return
             try:
                 claim = await self._store.take(self.name, _TAKE_BLOCK)
             except asyncio.CancelledError:
@@ -170,8 +176,8 @@ class JobWorkers:
                 raise
             except Exception as exc:
                 self._held.release()
-                # An outage is said once, with its cause; then once a minute while it lasts
-                # (every second would bury the log), backing off up to ten seconds a try.
+                # An outage is said once, with its cause; then every sixtieth failed try while
+                # it lasts (about every ten minutes once the back-off reaches ten seconds).
                 if failures == 0:
                     logger.exception("taking a job from the store failed; retrying")
                 elif failures % 60 == 0:
@@ -185,6 +191,11 @@ class JobWorkers:
             if claim is None:
                 self._held.release()
                 continue
+            if self._stopping:
+                # Taken while the process stops: back to the queue, for another replica.
+                self._held.release()
+                await self._release(claim)
+                return
             held = _Held(claim)
             task = asyncio.ensure_future(self._hold(held))
             self._tasks[task] = held
@@ -254,7 +265,9 @@ class JobWorkers:
                         # Waited for capacity as long as a job may wait (jobs.queue_timeout):
                         # it ends with the limits' refusal as its answer.
                         return outcome
-                    # The limits refused the run for now: wait for capacity, keep the lease.
+                    # The limits refused the run for now: wait for capacity, keep the lease. A
+                    # stop meanwhile gives it back (no run is under way while it waits).
+                    held.began = False
                     await asyncio.sleep(outcome.wait)
             finally:
                 self.running -= 1
@@ -269,15 +282,19 @@ class JobWorkers:
     async def _watch(self, claim: Claim, work: asyncio.Task[Outcome | None]) -> _Verdict | None:
         """Renew the lease until the work ends; cancel the work when the job was cancelled,
         finished elsewhere, or taken by another worker (this one's lease lapsed: a stall)."""
+        failing = False
         while not work.done():
             await asyncio.sleep(self._renew_every)
             try:
                 job = await self._store.renew(claim)
             except Exception:
                 # Redis away for a moment: the lease may lapse and the job run twice, which
-                # at-least-once allows; the run goes on.
-                logger.warning("renewing the lease of job %s failed", claim.job.id)
+                # at-least-once allows; the run goes on. Said once per job and outage.
+                if not failing:
+                    logger.warning("renewing the lease of job %s failed", claim.job.id)
+                failing = True
                 continue
+            failing = False
             verdict = _verdict(claim, job)
             if verdict is not None:
                 work.cancel()

@@ -730,8 +730,16 @@ prices:
         sync = await call(app, "POST", "/v1/chat/completions", headers=auth(key), body=body)
         job = await submit(app, key, body)
         listed = await call(app, "GET", "/v1/jobs", headers=auth(key))
+        # Where the synchronous request meets no budget (a model without a price), neither
+        # does the job: it is taken.
+        unpriced = body.replace(b"gpt-x", b"gpt-free")
+        sync_free = await call(
+            app, "POST", "/v1/chat/completions", headers=auth(key), body=unpriced
+        )
+        job_free = await submit(app, key, unpriced)
     assert first.status == 200
     assert sync.status == job.status == 429
     assert job.json()["error"]["code"] == sync.json()["error"]["code"] == "budget_exceeded"
     assert listed.json()["data"] == []
-    assert len(upstream.requests) == 1
+    assert sync_free.status == 200
+    assert job_free.status == 202

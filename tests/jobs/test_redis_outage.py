@@ -14,7 +14,7 @@ import pytest
 from gateway.auth import hash_key
 from tests.support.jobs import job_when_done
 from tests.support.redisserver import RedisServer
-from tests.support.standin import StandInUpstream, call, in_process_gateway, json_answer
+from tests.support.standin import Scripted, StandInUpstream, call, in_process_gateway, json_answer
 
 KEY = "sk-gw-jobs-outage"
 AUTH = [("authorization", f"Bearer {KEY}"), ("content-type", "application/json")]
@@ -32,7 +32,7 @@ allow_unlisted_models: true
 keys:
   - {{name: owner, hash: "{hash_key(KEY)}"}}
 redis: {{url: "{redis_url}", timeout_ms: 200}}
-jobs: {{lease: 1}}
+jobs: {{lease: 1, shutdown_grace: 0}}
 """
 
 
@@ -78,3 +78,30 @@ async def test_a_redis_outage_is_a_503_for_jobs_and_nothing_for_synchronous_requ
     assert len(taking) == 1  # said once, not every second
     assert taking[0].levelno == logging.ERROR
     assert view["status"] == "completed"
+
+
+async def test_a_store_lost_while_prefer_wait_waits_still_answers_202_with_the_job(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    upstream = StandInUpstream(lambda request: Scripted(head_delay=5.0))
+    try:
+        async with in_process_gateway(config(server.url), upstream) as app:
+            waiting = asyncio.ensure_future(
+                call(
+                    app,
+                    "POST",
+                    "/v1/chat/completions",
+                    headers=[*AUTH, ("prefer", "respond-async, wait=3")],
+                    body=BODY,
+                )
+            )
+            await asyncio.sleep(0.5)  # submitted, and waiting for the job's end
+            server.stop()
+            answer = await waiting
+    finally:
+        server.stop()
+    # The job exists: its id comes back, so that the client does not submit it again.
+    assert answer.status == 202, answer.body
+    assert answer.json()["id"].startswith("job_")
