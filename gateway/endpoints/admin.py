@@ -41,9 +41,9 @@ import orjson
 from gateway import errors
 from gateway.accounting.report import parse_query, usage_report
 from gateway.auth import basic_password, presented_key
-from gateway.endpoints.jobs import STORE_FAILURES
 from gateway.jobs.redis_store import RedisStore
 from gateway.jobs.refusals import job_not_found, store_unavailable
+from gateway.jobs.store import STORE_FAILURES
 from gateway.jobs.views import job_view
 from gateway.limits.redis_limiter import FAILURES
 from gateway.types import Receive, Scope, Send

@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.auth import Principal
@@ -40,6 +39,7 @@ from gateway.http.prefer import PREFERENCE_APPLIED, Preferences
 from gateway.jobs import refusals
 from gateway.jobs.model import Job, Status
 from gateway.jobs.service import JobService
+from gateway.jobs.store import STORE_FAILURES
 from gateway.jobs.submission import Asked, checked_idempotency_key, checked_metadata
 from gateway.jobs.views import job_view
 from gateway.pipeline.admission import Held
@@ -49,8 +49,7 @@ from gateway.types import Message, RawHeaders, Receive, Scope, Send
 logger = logging.getLogger("gateway.jobs")
 
 PREFIX = JOBS_PREFIX
-# What a store that cannot be reached raises (redis-py's errors, sockets): a 503, not a 500.
-STORE_FAILURES = (RedisError, OSError)
+
 _JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,80})(/result|/cancel)?$")
 _WEBHOOK_HEADER = b"x-gateway-webhook-url"
 _JSON = (b"content-type", b"application/json")

@@ -32,9 +32,11 @@ from gateway.jobs.store import (
     Claim,
     QueueFull,
     StoreSettings,
+    fresh,
+    indexes,
 )
 
-__all__ = ["MemoryStore", "fresh", "indexes"]
+__all__ = ["MemoryStore"]
 
 
 @dataclass(slots=True)
@@ -441,25 +443,3 @@ def _listed(job: Job) -> Job:
 
 
 # Shared with the Redis store, which must agree on both.
-
-
-def fresh(job: Job) -> Job:
-    """A job as submitted: nothing run, nothing delivered; its webhook waits if it has one."""
-    return job.but(
-        started_at=None,
-        finished_at=None,
-        attempts=0,
-        cancel_requested=False,
-        result=None,
-        error=None,
-        webhook_state=WebhookState.NONE if job.webhook_url is None else WebhookState.WAITING,
-        deliveries=(),
-    )
-
-
-def indexes(job: Job) -> list[str]:
-    """Every job is in its owner's index and, when it has one, its team's."""
-    names = [f"key:{job.owner}"]
-    if job.team is not None:
-        names.append(f"team:{job.team}")
-    return names

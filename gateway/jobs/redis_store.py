@@ -33,7 +33,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from gateway.jobs import redis_scripts, redis_webhook_scripts
-from gateway.jobs.memory_store import fresh, indexes
 from gateway.jobs.model import (
     Delivery,
     Job,
@@ -55,6 +54,8 @@ from gateway.jobs.store import (
     Claim,
     QueueFull,
     StoreSettings,
+    fresh,
+    indexes,
 )
 
 __all__ = ["RedisStore"]

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
 from gateway.jobs.model import Delivery, Job, JobError, JobResult, Status, WebhookState
 
 
@@ -164,3 +166,32 @@ MAX_ATTEMPTS = JobError(
 )
 EXPIRED = JobError("expired", "The job waited in the queue past its deadline and never ran.")
 CANCELLED = JobError("cancelled", "The job was cancelled.")
+
+
+# -- what every store does the same way -----------------------------------------------------
+
+# What a store that cannot be reached raises (redis-py's errors, sockets): callers answer 503
+# rather than 500. The in-process store raises none of them.
+STORE_FAILURES = (RedisError, OSError)
+
+
+def fresh(job: Job) -> Job:
+    """A job as submitted: nothing run, nothing delivered; its webhook waits if it has one."""
+    return job.but(
+        started_at=None,
+        finished_at=None,
+        attempts=0,
+        cancel_requested=False,
+        result=None,
+        error=None,
+        webhook_state=WebhookState.NONE if job.webhook_url is None else WebhookState.WAITING,
+        deliveries=(),
+    )
+
+
+def indexes(job: Job) -> list[str]:
+    """Every job is in its owner's index and, when it has one, its team's."""
+    names = [f"key:{job.owner}"]
+    if job.team is not None:
+        names.append(f"team:{job.team}")
+    return names
