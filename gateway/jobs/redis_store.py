@@ -1,8 +1,7 @@
 """Jobs in Redis, shared by every replica: a Redis Streams queue with one consumer group.
 
-Keys: every one behind the hash tag ``{<prefix>}``, so all in one Cluster slot (the trade-off
-is in ``redis_scripts.py``); the list, with what each holds and how long, is in docs/jobs.md
-("Redis keys"), the job hash's fields in ``redis_scripts.py``.
+Keys: all behind the hash tag ``{<prefix>}``, one Cluster slot (why: ``redis_scripts.py``, with
+the job hash's fields); what each holds and how long: docs/jobs.md ("Redis keys").
 
 Leases are the consumer group's pending entries: ``take`` claims entries idle longer than a
 lease (XAUTOCLAIM, a bounded number of pending entries per call, from where this store's last
