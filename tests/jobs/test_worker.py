@@ -156,8 +156,7 @@ async def test_stop_cuts_what_outlives_the_grace() -> None:
     await wait_until(lambda: relay.begun == 1)
     started = time.monotonic()
     await workers.stop(grace=0.2)
-    # The grace, and the take under way when the stop came (a take blocks a second at most).
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 1.0
     assert relay.cut == 1
     stored = await store.get(job.id)
     assert stored is not None
@@ -194,8 +193,7 @@ async def test_stop_releases_held_jobs_to_another_worker_at_once() -> None:
     started = time.monotonic()
     stopping = asyncio.ensure_future(first.stop(grace=5.0))
     await wait_until(lambda: second_relay.finished == 1, timeout=2.0)
-    # The grace, and the take under way when the stop came (a take blocks a second at most).
-    assert time.monotonic() - started < 2.0  # well under a lease
+    assert time.monotonic() - started < 1.0  # well under a lease
     assert first_relay.finished == 0  # given back at the start of the stop, not after the grace
     assert not stopping.done()
     await stopping
