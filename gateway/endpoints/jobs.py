@@ -34,7 +34,6 @@ from gateway.config.checks import JOBS_PREFIX
 from gateway.context import SCOPE_KEY, RequestContext
 from gateway.http import body as request_body
 from gateway.http.body import BodyBudget, ClientDisconnected
-from gateway.http.headers import HOP_BY_HOP
 from gateway.http.prefer import PREFERENCE_APPLIED, Preferences
 from gateway.jobs import refusals
 from gateway.jobs.model import Job, Status
@@ -424,11 +423,8 @@ async def _send_json(
 async def _send_result(send: Send, job: Job) -> None:
     result = job.result
     assert result is not None
-    headers: RawHeaders = [
-        (name, value)
-        for name, value in result.headers
-        if name not in HOP_BY_HOP and name != b"content-length"
-    ]
+    # Stored without framing or hop-by-hop fields (``views.kept_headers``): sent as they are.
+    headers: RawHeaders = [*result.headers]
     headers.append((b"content-length", str(len(result.body)).encode("ascii")))
     headers.append((b"x-gateway-job-id", job.id.encode("ascii")))
     await send({"type": "http.response.start", "status": result.status, "headers": headers})

@@ -134,11 +134,12 @@ def _unb64(value: str) -> bytes:
     return base64.b64decode(value)
 
 
-def _headers_plain(headers: Headers) -> list[list[str]]:
+def headers_plain(headers: Headers) -> list[list[str]]:
+    """Headers as JSON can hold them: pairs of base64 strings (a header may hold any byte)."""
     return [[_b64(name), _b64(value)] for name, value in headers]
 
 
-def _headers(plain: list[list[str]]) -> Headers:
+def headers_from_plain(plain: list[list[str]]) -> Headers:
     return tuple((_unb64(name), _unb64(value)) for name, value in plain)
 
 
@@ -156,7 +157,7 @@ def _plain(job: Job) -> dict[str, Any]:
             "method": request.method,
             "path": request.path,
             "query": _b64(request.query),
-            "headers": _headers_plain(request.headers),
+            "headers": headers_plain(request.headers),
             "body": _b64(request.body),
         },
         "metadata": job.metadata,
@@ -170,7 +171,7 @@ def _plain(job: Job) -> dict[str, Any]:
         if result is None
         else {
             "status": result.status,
-            "headers": _headers_plain(result.headers),
+            "headers": headers_plain(result.headers),
             "body": _b64(result.body),
         },
         "error": None
@@ -196,7 +197,7 @@ def _job(plain: dict[str, Any]) -> Job:
             method=request["method"],
             path=request["path"],
             query=_unb64(request["query"]),
-            headers=_headers(request["headers"]),
+            headers=headers_from_plain(request["headers"]),
             body=_unb64(request["body"]),
         ),
         metadata=plain["metadata"],
@@ -208,7 +209,9 @@ def _job(plain: dict[str, Any]) -> Job:
         cancel_requested=plain["cancel_requested"],
         result=None
         if result is None
-        else JobResult(result["status"], _headers(result["headers"]), _unb64(result["body"])),
+        else JobResult(
+            result["status"], headers_from_plain(result["headers"]), _unb64(result["body"])
+        ),
         error=None if error is None else JobError(error["code"], error["message"]),
         webhook_state=WebhookState(plain["webhook_state"]),
         deliveries=tuple(Delivery(*entry) for entry in plain["deliveries"]),

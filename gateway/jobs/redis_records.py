@@ -6,35 +6,35 @@ from redis-py, or as flat field/value lists from a script.
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 import orjson
 
-from gateway.jobs.model import Delivery, Job, JobError, JobResult, Status, WebhookState
+from gateway.jobs.model import (
+    Delivery,
+    Headers,
+    Job,
+    JobError,
+    JobResult,
+    Status,
+    WebhookState,
+    headers_from_plain,
+    headers_plain,
+)
 
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def headers_json(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """Headers as Job.dumps writes them: pairs of base64 strings (a header may hold any byte)."""
-    return orjson.dumps([[b64(name), b64(value)] for name, value in headers])
+def headers_json(headers: Headers) -> bytes:
+    """Headers as ``Job.dumps`` writes them (``model.headers_plain``)."""
+    return orjson.dumps(headers_plain(headers))
 
 
-def headers_of(data: bytes) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((unb64(name), unb64(value)) for name, value in orjson.loads(data))
-
-
-def b64(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
-
-
-def unb64(value: str) -> bytes:
-    return base64.b64decode(value)
+def headers_of(data: bytes) -> Headers:
+    return headers_from_plain(orjson.loads(data))
 
 
 def job_of(reply: Any, *, bodies: bool = True) -> Job:
